@@ -1,3 +1,19 @@
-"""vidaccel: faster diffusers video pipelines with measured quality."""
+"""vidaccel: faster diffusers video pipelines with measured quality.
+
+    import vidaccel
+    handle = vidaccel.apply(pipe, "dense")
+    video = pipe(prompt).frames[0]
+    print(handle.stats()); handle.remove()
+"""
+
+from .api import AccelHandle, active_handle, apply
+from .attention.dense import DenseAttention
+from .errors import AlreadyAcceleratedError, UnsupportedPipelineError
+from .presets import Preset, list_presets
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "AccelHandle", "AlreadyAcceleratedError", "active_handle", "DenseAttention", "Preset", "UnsupportedPipelineError", "apply",
+    "list_presets", "__version__",
+]
