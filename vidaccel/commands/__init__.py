@@ -1,0 +1,1 @@
+"""Subcommands of the `vidaccel` CLI (see vidaccel.cli)."""
