@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any, Callable, Optional
 
 from .attention.dense import DenseAttention
+from .attention.radial_method import RadialAttention
 from .method import MethodConfig
 
 
@@ -42,6 +43,7 @@ class Preset:
 # Named presets. Each exists only once every method in it is implemented.
 _PRESETS: dict[str, Callable[[], Preset]] = {
     "dense": lambda: Preset(attention=DenseAttention(), name="dense"),
+    "radial": lambda: Preset(attention=RadialAttention(), name="radial"),
 }
 
 
