@@ -1,0 +1,266 @@
+"""Quantize a text encoder in place and put it back exactly.
+
+``quantize_text_encoder(encoder, TextEncoderQuant(method="int8"))`` swaps every eligible ``nn.Linear`` for a
+:class:`QuantizedLinear` and returns a :class:`QuantizationResult` whose ``restore()`` puts the very same
+``nn.Linear`` objects back, bit for bit. Embeddings, norms and T5's relative-position biases are not linear
+layers and stay as they are; ``skip_modules`` patterns keep chosen linear layers in full precision too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..method import MethodConfig
+from .formats import INT4_GROUP_SIZES
+from .hadamard import is_power_of_two
+from .quantized_linear import METHODS, QuantizedLinear
+from .sinq import SINQ_ITERATIONS
+
+# fnmatch patterns on the dotted module name, case-sensitive.
+DEFAULT_SKIP_MODULES: tuple[str, ...] = (
+    "*embed*",
+    "*shared*",  # T5's token embedding
+    "*norm*",
+    "*LayerNorm*",
+    "*relative_attention_bias*",
+    "lm_head",
+    "*.lm_head",
+)
+# T5/UMT5 feed-forward output projection (transformers keeps it in fp32 for fp16 runs).
+T5_WO_PATTERN = "*DenseReluDense.wo"
+HADAMARD_BLOCK_RANGE = (2, 4096)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextEncoderQuant(MethodConfig):
+    """Low-precision weights for the pipeline's text encoder.
+
+    method: one of int8, fp8 (per-row), int4 (asymmetric RTN per group), int4-sinq (SINQ-scaled int4),
+        nvfp4, mxfp4, nvint4 (microscaling 4-bit; their block sizes are fixed by the format).
+    group_size: int4 / int4-sinq group along the input dimension (32, 64 or 128).
+    hadamard: rotate each layer's input dimension by a block Hadamard matrix before quantizing.
+    hadamard_block: the rotation's block size (a power of two).
+    skip_modules: fnmatch patterns of module names to keep in full precision.
+    quantize_t5_wo: quantize T5/UMT5 ``DenseReluDense.wo`` too (False adds it to the skipped patterns).
+    keep_originals_on_cpu: keep the original layers (on CPU) so that ``restore()`` can put them back; False
+        drops them, which is the only way to save host memory when the encoder itself lives on the CPU.
+    sinq_iterations: Sinkhorn rounds for int4-sinq.
+    fp8_scaled_mm: let fp8 layers use ``torch._scaled_mm`` (activations quantized per token) where supported.
+    """
+
+    role: ClassVar[str] = "text_encoder"
+    name: ClassVar[str] = "text_encoder_quant"
+
+    method: str = "int8"
+    group_size: int = 64
+    hadamard: bool = False
+    hadamard_block: int = 64
+    skip_modules: tuple[str, ...] = DEFAULT_SKIP_MODULES
+    quantize_t5_wo: bool = True
+    keep_originals_on_cpu: bool = True
+    sinq_iterations: int = SINQ_ITERATIONS
+    fp8_scaled_mm: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown text-encoder method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.group_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"group_size must be one of {INT4_GROUP_SIZES}, got {self.group_size!r}")
+        lo, hi = HADAMARD_BLOCK_RANGE
+        if not (
+            isinstance(self.hadamard_block, int) and lo <= self.hadamard_block <= hi
+            and is_power_of_two(self.hadamard_block)
+        ):
+            raise ValueError(f"hadamard_block must be a power of two in [{lo}, {hi}], got {self.hadamard_block!r}")
+        if isinstance(self.skip_modules, str):
+            raise TypeError("skip_modules must be a sequence of patterns, not one string")
+        patterns = tuple(self.skip_modules)
+        if not all(isinstance(p, str) and p for p in patterns):
+            raise ValueError(f"skip_modules must hold non-empty strings, got {patterns!r}")
+        object.__setattr__(self, "skip_modules", patterns)
+        for flag in ("hadamard", "quantize_t5_wo", "keep_originals_on_cpu", "fp8_scaled_mm"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
+        if not (isinstance(self.sinq_iterations, int) and 0 <= self.sinq_iterations <= 256):
+            raise ValueError(f"sinq_iterations must be an int in [0, 256], got {self.sinq_iterations!r}")
+
+    @property
+    def skip_patterns(self) -> tuple[str, ...]:
+        """``skip_modules`` plus T5's ``wo`` when ``quantize_t5_wo`` is off."""
+        return self.skip_modules if self.quantize_t5_wo else (*self.skip_modules, T5_WO_PATTERN)
+
+    def skip_reason(self, module_name: str) -> str | None:
+        for pattern in self.skip_patterns:
+            if fnmatch.fnmatchcase(module_name, pattern):
+                return f"name matches skip pattern {pattern!r}"
+        return None
+
+
+def module_bytes(module: nn.Module) -> int:
+    """Bytes of all distinct parameters and buffers of ``module``."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in (*module.parameters(), *module.buffers()):
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+@dataclasses.dataclass
+class _Swap:
+    parent: nn.Module
+    child_name: str
+    quantized: QuantizedLinear
+    original: nn.Linear | None  # None once dropped (keep_originals_on_cpu=False)
+
+
+class QuantizationResult:
+    """What :func:`quantize_text_encoder` did, and the way back."""
+
+    def __init__(
+        self,
+        config: TextEncoderQuant,
+        swaps: list[_Swap],
+        quantized_modules: list[str],
+        skipped: dict[str, str],
+        bytes_before: int,
+        bytes_after: int,
+    ) -> None:
+        self.config = config
+        self._swaps = swaps
+        self.quantized_modules = quantized_modules
+        self.skipped = skipped
+        self.bytes_before = bytes_before
+        self.bytes_after = bytes_after
+        self.restored = False
+
+    @property
+    def can_restore(self) -> bool:
+        return self.config.keep_originals_on_cpu
+
+    def restore(self) -> None:
+        """Put the original ``nn.Linear`` objects back (bit-exact, on the device the encoder is on now).
+
+        Safe to call twice. Raises if the originals were dropped or a swapped slot was changed by someone else.
+        """
+        if self.restored:
+            return
+        if not self.can_restore:
+            raise RuntimeError(
+                "cannot restore the text encoder: it was quantized with keep_originals_on_cpu=False, so the "
+                "original Linear layers were dropped; reload the encoder from its checkpoint instead"
+            )
+        for swap in self._swaps:
+            current = swap.parent._modules.get(swap.child_name)
+            if current is not swap.quantized:
+                raise RuntimeError(
+                    f"cannot restore {swap.child_name!r} of {type(swap.parent).__name__}: the slot no longer holds "
+                    f"the QuantizedLinear installed there (found {type(current).__name__})"
+                )
+        for swap in self._swaps:
+            assert swap.original is not None
+            swap.original.to(device=swap.quantized.qweight.device)
+            swap.parent._modules[swap.child_name] = swap.original
+        self.restored = True
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(),
+            "quantized_modules": len(self.quantized_modules),
+            "skipped": dict(self.skipped),
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"QuantizationResult(method={self.config.method!r}, quantized={len(self.quantized_modules)}, "
+            f"skipped={len(self.skipped)}, bytes {self.bytes_before} -> {self.bytes_after})"
+        )
+
+
+def _ineligible_reason(parent: nn.Module, child: nn.Linear) -> str | None:
+    if type(child) is not nn.Linear:
+        return f"{type(child).__name__} is a subclass of nn.Linear whose forward may differ"
+    if isinstance(parent, nn.MultiheadAttention):
+        return "nn.MultiheadAttention reads its projection weights directly"
+    if child.weight.device.type == "meta":
+        return "weight is on the meta device (not loaded)"
+    if hasattr(child, "_hf_hook"):
+        return "has an accelerate hook (offloaded); quantize before enabling offload"
+    return None
+
+
+@torch.no_grad()
+def quantize_text_encoder(module: nn.Module, config: TextEncoderQuant) -> QuantizationResult:
+    """Swap ``module``'s eligible ``nn.Linear`` children for :class:`QuantizedLinear`, in place.
+
+    A linear layer is skipped (and the reason recorded in ``result.skipped``) when its name matches a skip
+    pattern, when its input size does not fit the format's block or group size (or the Hadamard block), or when
+    it is not a plain ``nn.Linear`` that can be swapped safely. A layer shared under several names is quantized
+    once and swapped everywhere.
+    """
+    if not isinstance(config, TextEncoderQuant):
+        raise TypeError(f"config must be a TextEncoderQuant, got {type(config).__name__}")
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(module).__name__}")
+    bytes_before = module_bytes(module)
+    hadamard_block = config.hadamard_block if config.hadamard else None
+    built: dict[int, QuantizedLinear] = {}
+    swaps: list[_Swap] = []
+    quantized_modules: list[str] = []
+    skipped: dict[str, str] = {}
+
+    slots = [
+        (parent_name, parent, child_name, child)
+        for parent_name, parent in module.named_modules(remove_duplicate=False)
+        for child_name, child in list(parent._modules.items())
+        if isinstance(child, nn.Linear)
+    ]
+    slot_count: dict[int, int] = {}
+    for *_, child in slots:
+        slot_count[id(child)] = slot_count.get(id(child), 0) + 1
+    shared: dict[int, nn.Linear] = {}
+    for parent_name, parent, child_name, child in slots:
+        full_name = f"{parent_name}.{child_name}" if parent_name else child_name
+        reason = config.skip_reason(full_name) or _ineligible_reason(parent, child)
+        if reason is None and id(child) not in built:
+            try:
+                built[id(child)] = QuantizedLinear.from_linear(
+                    child,
+                    config.method,
+                    group_size=config.group_size,
+                    hadamard_block=hadamard_block,
+                    sinq_iterations=config.sinq_iterations,
+                    allow_scaled_mm=config.fp8_scaled_mm,
+                )
+            except ValueError as error:
+                reason = str(error)
+        if reason is not None:
+            skipped[full_name] = reason
+            continue
+        parent._modules[child_name] = built[id(child)]
+        swaps.append(
+            _Swap(parent, child_name, built[id(child)], child if config.keep_originals_on_cpu else None)
+        )
+        quantized_modules.append(full_name)
+        if not config.keep_originals_on_cpu:
+            continue
+        if slot_count[id(child)] == 1:
+            child.to("cpu")  # right away: one layer at a time keeps the accelerator's peak low
+        else:
+            shared[id(child)] = child
+    # A layer shared under several names moves only if no slot (e.g. a skipped one) still uses it in place.
+    still_used = {id(m) for m in module.modules()}
+    for key, child in shared.items():
+        if key not in still_used:
+            child.to("cpu")
+    return QuantizationResult(
+        config, swaps, quantized_modules, skipped, bytes_before, module_bytes(module)
+    )
