@@ -102,7 +102,7 @@ def _block_sparse_attn_fwd(
     heads, groups, q_len, kv_len, num_q_blocks, max_kv, qk_scale,
     HEAD_DIM: tl.constexpr, LAYOUT_BM: tl.constexpr, LAYOUT_BN: tl.constexpr,
     NUM_RANGES: tl.constexpr, STORE_LSE: tl.constexpr, IEEE_DOT: tl.constexpr, TMA_OK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     SUB_M: tl.constexpr = LAYOUT_BM // BLOCK_M
     SUB_N: tl.constexpr = LAYOUT_BN // BLOCK_N
@@ -150,7 +150,7 @@ def _block_sparse_attn_fwd(
     idx_row = KV_IDX + sched * max_kv
 
     # 1) Layout blocks that are fully in bounds and outside every range: no masks at all.
-    for it in range(0, n_clean * SUB_N):
+    for it in tl.range(0, n_clean * SUB_N, warp_specialize=WARP_SPECIALIZE):
         kb = tl.load(idx_row + it // SUB_N)
         start_n = tl.multiple_of(kb * LAYOUT_BN + (it % SUB_N) * BLOCK_N, BLOCK_N)
         k = _load_tile(k_desc, k_base, start_n, offs_n, offs_d, stride_ks, stride_kd, kv_len, USE_TMA, False)
@@ -213,10 +213,14 @@ class KernelConfig:
     num_warps: int = 8
     num_stages: int = 3
     use_tma: bool = False
+    warp_specialize: bool = False  # Triton's automatic warp specialisation of the main loop
+
+    def meta(self) -> dict:
+        return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "USE_TMA": self.use_tma,
+                "WARP_SPECIALIZE": self.warp_specialize}
 
     def as_triton(self) -> triton.Config:
-        return triton.Config({"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "USE_TMA": self.use_tma},
-                             num_warps=self.num_warps, num_stages=self.num_stages)
+        return triton.Config(self.meta(), num_warps=self.num_warps, num_stages=self.num_stages)
 
 
 # Hopper candidates (tuned once per head_dim, dtype and layout block size: never per token count).
@@ -225,6 +229,9 @@ _TUNING_CANDIDATES = [
     for tma in (True, False)
     for bm, bn, w, s in ((128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 4))
 ]
+# Timed by benchmarks/bench_attention_kernel.py --sweep besides the candidates above.
+_SWEEP_EXTRAS = [KernelConfig(128, 128, 8, 2, True, True), KernelConfig(128, 128, 8, 3, True, True),
+                 KernelConfig(128, 128, 8, 4, True)]
 # Small tiles only for layouts whose blocks are not multiples of 64.
 _SMALL_TILE_CANDIDATES = [KernelConfig(bm, bn, 4, 2, False) for bm in (32, 16) for bn in (32, 16)]
 
@@ -271,11 +278,14 @@ def _tma_eligible(tensors_and_strides) -> bool:
 
 def _ensure_tma_allocator() -> None:
     """Device-side tensor descriptors need a small global scratch buffer per launch."""
-    from triton.runtime import _allocation
+    try:  # keep an allocator the application installed
+        from triton.runtime import _allocation
 
-    current = _allocation._allocator.get() if hasattr(_allocation, "_allocator") else None
-    if current is None or isinstance(current, _allocation.NullAllocator):
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        if not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+            return
+    except (ImportError, AttributeError):
+        pass
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -405,8 +415,7 @@ def _forward(q, k, v, layout, tensor_layout="bhsd", dense_kv_ranges=None, sm_sca
         if config.use_tma and not _INTERPRETED:
             _ensure_tma_allocator()
         grid = (layout.num_q_blocks * (layout.block_m // config.block_m), B * H)
-        _block_sparse_attn_fwd[grid](*args, **meta, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-                                     USE_TMA=config.use_tma, num_warps=config.num_warps,
+        _block_sparse_attn_fwd[grid](*args, **meta, **config.meta(), num_warps=config.num_warps,
                                      num_stages=config.num_stages)
     else:
         if tma_ok:
