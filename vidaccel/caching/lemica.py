@@ -1,0 +1,173 @@
+"""LeMiCa at run time: compute the steps a plan lists, and at every other step replay the whole block stack's
+residual from the last computed step of the same transformer and CFG branch.
+
+A plan is either an explicit list (``computed_steps``) or a plan file made offline (``plan``, see
+`vidaccel.offline_planner.plan_file`). Every CFG branch follows the same step set. A skipped step still runs the
+transformer's embeddings and output head (cheap); its blocks only return their input, after the first one has
+added the cached residual. The decision is a set lookup on the host: no device sync at all.
+
+A step the plan skips is computed anyway when its transformer and branch have nothing cached yet in this
+generation (e.g. the first step of Wan 2.2's second expert); such steps are listed as ``forced_steps``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from typing import Any
+
+from ..method import AccelMethod, MethodConfig
+from ..offline_planner.plan_file import LeMiCaPlan, PlanMismatchError, PlanWarning, config_fingerprint
+from .block_skip import SkippableSpan, Streams
+from .step_log import StepLog
+
+_HOOK_NAME = "vidaccel.lemica"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class LeMiCa(MethodConfig):
+    """Step plan cache. Give either ``computed_steps`` (0-based steps to compute; must include 0), optionally
+    with the ``num_inference_steps`` they were chosen for, or ``plan``: the path of a LeMiCa plan file, checked
+    against the pipeline's transformers and step count (``allow_rescale`` stretches a plan made for another step
+    count instead of refusing it)."""
+
+    role = "cache"
+    name = "lemica"
+
+    computed_steps: tuple[int, ...] | None = None
+    num_inference_steps: int | None = None
+    plan: str | None = None
+    allow_rescale: bool = False
+
+    def __post_init__(self):
+        if (self.computed_steps is None) == (self.plan is None):
+            raise ValueError("LeMiCa needs exactly one of computed_steps=[...] or plan='path/to/plan.json'")
+        if self.plan is not None:
+            if not isinstance(self.plan, (str, os.PathLike)):
+                raise TypeError(f"LeMiCa plan must be the path of a plan file, got {type(self.plan).__name__}")
+            object.__setattr__(self, "plan", os.fspath(self.plan))
+            if self.num_inference_steps is not None:
+                raise ValueError("LeMiCa num_inference_steps goes with computed_steps; a plan file records its own")
+        else:
+            if self.allow_rescale:
+                raise ValueError("LeMiCa allow_rescale applies to plan files, not to an explicit computed_steps list")
+            steps = tuple(self.computed_steps) if not isinstance(self.computed_steps, (str, bytes)) else None
+            if steps is None or not all(_is_int(step) and step >= 0 for step in steps):
+                raise ValueError(f"LeMiCa computed_steps must be step indices >= 0, got {self.computed_steps!r}")
+            if len(set(steps)) != len(steps):
+                raise ValueError(f"LeMiCa computed_steps has repeated steps: {list(steps)}")
+            if 0 not in steps:
+                raise ValueError(f"LeMiCa computed_steps must include step 0 (nothing is cached before it), "
+                                 f"got {list(steps)}")
+            object.__setattr__(self, "computed_steps", tuple(sorted(steps)))
+            if self.num_inference_steps is not None:
+                if not _is_int(self.num_inference_steps) or self.num_inference_steps < 1:
+                    raise ValueError(f"LeMiCa num_inference_steps must be a positive integer, "
+                                     f"got {self.num_inference_steps!r}")
+                if self.computed_steps[-1] >= self.num_inference_steps:
+                    raise ValueError(f"LeMiCa computed_steps {list(self.computed_steps)} reach past the last step "
+                                     f"of a {self.num_inference_steps}-step run")
+
+    def build(self) -> "LeMiCaMethod":
+        plan = LeMiCaPlan.from_json(self.plan) if self.plan is not None else None
+        return LeMiCaMethod(self, plan)
+
+
+class LeMiCaMethod(AccelMethod):
+    """Installed LeMiCa: one skippable span over all blocks of each transformer."""
+
+    def __init__(self, config: LeMiCa, plan: LeMiCaPlan | None = None):
+        self.config = config
+        self.plan = plan
+        self.context = None
+        self._spans: dict[str, SkippableSpan] = {}
+        self._pipeline_identity: tuple | None = None  # (classes, fingerprints, scheduler class)
+        self._steps_for: dict[int, frozenset[int]] = {}  # num_inference_steps -> steps to compute
+        self._residuals: dict[tuple[str, str], Streams] = {}
+        self._forced: dict[tuple[str, str], list[int]] = {}
+        self.log = StepLog()
+
+    def install(self, adapter) -> None:
+        self.context = adapter.context
+        transformers = adapter.transformers()
+        self._pipeline_identity = (
+            tuple(type(t).__name__ for t in transformers.values()),
+            tuple(config_fingerprint(t.config) for t in transformers.values()),
+            type(adapter.scheduler).__name__,
+        )
+        if self.plan is not None:
+            with warnings.catch_warnings():  # only the model is checked now; the run-time check warns once
+                warnings.simplefilter("ignore", PlanWarning)
+                self.plan.validate_against(*self._pipeline_identity, self.plan.num_inference_steps)
+        adapter.context.on_new_generation(self._on_new_generation)
+        try:
+            for name, transformer in transformers.items():
+                blocks = adapter.blocks(transformer)
+                self._spans[name] = SkippableSpan(self, name, transformer, blocks, 0, len(blocks), _HOOK_NAME)
+        except Exception:
+            self.uninstall()
+            raise
+
+    def uninstall(self) -> None:
+        for span in reversed(list(self._spans.values())):
+            span.detach()
+        self._spans.clear()
+        self._residuals.clear()
+
+    def _on_new_generation(self, generation: int) -> None:
+        self._residuals.clear()
+        self._forced = {}
+        self.log.start_generation(generation)
+
+    def steps_to_compute(self, num_steps: int) -> frozenset[int]:
+        """The step set for a run of `num_steps` steps; raises PlanMismatchError when the plan does not fit."""
+        if num_steps in self._steps_for:
+            return self._steps_for[num_steps]
+        if num_steps < 1:
+            raise RuntimeError("vidaccel LeMiCa cannot tell how many steps this run has (no scheduler timesteps)")
+        if self.plan is not None:
+            plan = self.plan.validate_against(*self._pipeline_identity, num_steps, allow_rescale=self.config.allow_rescale)
+            steps = plan.computed_steps
+        else:
+            steps = self.config.computed_steps
+            planned = self.config.num_inference_steps
+            if planned is not None and planned != num_steps:
+                raise PlanMismatchError(
+                    f"LeMiCa computed_steps {list(steps)} were chosen for {planned} steps; this run has {num_steps} "
+                    "steps. Pass the list for this step count, or a plan file with allow_rescale=True"
+                )
+            if steps[-1] >= num_steps:
+                raise PlanMismatchError(
+                    f"LeMiCa computed_steps {list(steps)} reach step {steps[-1]}, but this run has {num_steps} steps "
+                    f"(0..{num_steps - 1})"
+                )
+        self._steps_for[num_steps] = frozenset(steps)
+        return self._steps_for[num_steps]
+
+    # --- SpanOwner --------------------------------------------------------------------------------------------
+    def residual_to_replay(self, span: SkippableSpan, span_input: Streams) -> Streams | None:
+        ctx = self.context
+        step, key = ctx.step_index, (span.transformer_name, ctx.branch)
+        planned = step in self.steps_to_compute(ctx.num_steps)
+        residual = None if planned else self._residuals.get(key)
+        if not planned and residual is None:
+            self._forced.setdefault(key, []).append(step)
+        self.log.record(span.transformer_name, ctx.branch, step, cached=residual is not None)
+        return residual
+
+    def store_residual(self, span: SkippableSpan, residual: Streams) -> None:
+        self._residuals[(span.transformer_name, self.context.branch)] = residual
+
+    # --- stats ------------------------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        extra = {key: {"forced_steps": list(steps)} for key, steps in self._forced.items()}
+        return {
+            "config": self.config.to_dict(),
+            "plan_steps": {str(n): sorted(steps) for n, steps in self._steps_for.items()},
+            **self.log.to_dict(extra),
+        }
