@@ -342,7 +342,7 @@ def test_benchmark_script_runs_tiny(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "caching.json"
-    bench.main(["--tiny", "--out", str(out)])
+    bench.main(["--tiny", "--steps", "3", "--out", str(out)])
     result = json.loads(out.read_text())
     assert result["config"]["tiny"] is True
     for name in ("dbcache", "lemica"):

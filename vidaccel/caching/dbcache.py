@@ -214,8 +214,9 @@ class DBCacheMethod(AccelMethod):
     # --- SpanOwner --------------------------------------------------------------------------------------------
     def residual_to_replay(self, span: SkippableSpan, span_input: Streams) -> Streams | None:
         ctx = self.context
-        stack_input = self._entries[span.transformer_name][1].stack_input
-        probe = span_input.hidden - stack_input.hidden
+        entry = self._entries[span.transformer_name][1]
+        probe = span_input.hidden - entry.stack_input.hidden
+        entry.stack_input = None  # not needed past the probe; do not hold a hidden-state tensor between calls
         state = self._state(span.transformer_name, ctx.branch)
         cache = state.decide(ctx.step_index, probe)
         self.log.record(span.transformer_name, ctx.branch, ctx.step_index, cache)
