@@ -21,6 +21,15 @@ from vidaccel.testing import tiny_call_kwargs
 ALWAYS_CACHE = dict(threshold=1e9, warmup_steps=1)  # every call after the first one of a branch is cached
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core runner they lose a lot to them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def latents(pipe, kind, **kwargs):
     pipe.set_progress_bar_config(disable=True)
     return pipe(**{**tiny_call_kwargs(kind, **kwargs), "output_type": "latent"}).frames

@@ -14,6 +14,15 @@ from vidaccel.offline_planner.plan_file import (LeMiCaPlan, PlanCreation, PlanMi
 from vidaccel.testing import tiny_call_kwargs
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core runner they lose a lot to them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def latents(pipe, kind, **kwargs):
     pipe.set_progress_bar_config(disable=True)
     return pipe(**{**tiny_call_kwargs(kind, **kwargs), "output_type": "latent"}).frames
