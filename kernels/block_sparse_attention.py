@@ -102,7 +102,7 @@ def _block_sparse_attn_fwd(
     heads, groups, q_len, kv_len, num_q_blocks, max_kv, qk_scale,
     HEAD_DIM: tl.constexpr, LAYOUT_BM: tl.constexpr, LAYOUT_BN: tl.constexpr,
     NUM_RANGES: tl.constexpr, STORE_LSE: tl.constexpr, IEEE_DOT: tl.constexpr, TMA_OK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     SUB_M: tl.constexpr = LAYOUT_BM // BLOCK_M
     SUB_N: tl.constexpr = LAYOUT_BN // BLOCK_N
@@ -150,7 +150,7 @@ def _block_sparse_attn_fwd(
     idx_row = KV_IDX + sched * max_kv
 
     # 1) Layout blocks that are fully in bounds and outside every range: no masks at all.
-    for it in tl.range(0, n_clean * SUB_N, warp_specialize=WARP_SPECIALIZE):
+    for it in range(0, n_clean * SUB_N):
         kb = tl.load(idx_row + it // SUB_N)
         start_n = tl.multiple_of(kb * LAYOUT_BN + (it % SUB_N) * BLOCK_N, BLOCK_N)
         k = _load_tile(k_desc, k_base, start_n, offs_n, offs_d, stride_ks, stride_kd, kv_len, USE_TMA, False)
@@ -213,12 +213,10 @@ class KernelConfig:
     num_warps: int = 8
     num_stages: int = 3
     use_tma: bool = False
-    warp_specialize: bool = False  # Triton's automatic warp specialisation of the main loop
     maxnreg: Optional[int] = None  # register cap, e.g. to fit two CTAs per SM
 
     def meta(self) -> dict:
-        return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "USE_TMA": self.use_tma,
-                "WARP_SPECIALIZE": self.warp_specialize}
+        return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "USE_TMA": self.use_tma}
 
     def launch_options(self) -> dict:
         options = {"num_warps": self.num_warps, "num_stages": self.num_stages}
@@ -230,14 +228,17 @@ class KernelConfig:
         return triton.Config(self.meta(), **self.launch_options())
 
 
-# Hopper candidates (tuned once per head_dim, dtype and layout block size: never per token count). The 64x64
-# and register-capped tiles fit two CTAs per SM, so one CTA's softmax can overlap the other's MMAs; the
-# pointer-path tiles serve GPUs without TMA.
+# Autotune candidates, tuned once per (head_dim, dtype, layout block size, TMA eligibility): never per token
+# count. Triton keeps both warpgroups of a CTA in lockstep (CTA-wide barriers around every TMA load), so their
+# softmax and MMAs cannot overlap inside one CTA. The register-capped 128x64 tile (2 pipeline stages, 96 KB of
+# shared memory, 128 registers) fits two CTAs per SM, whose independent schedules do overlap: on an H100 it
+# ran Wan 480p at 0.92x cuDNN against 0.82x for the best one-CTA tile (benchmarks/results/
+# attention_kernel_sweep.json). The pointer-path tiles serve GPUs without TMA.
 _TUNING_CANDIDATES = [
+    KernelConfig(128, 64, 8, 2, True, maxnreg=128),
     KernelConfig(128, 128, 8, 3, True),
     KernelConfig(128, 128, 8, 2, True),
     KernelConfig(64, 64, 4, 2, True),
-    KernelConfig(128, 64, 8, 2, True, maxnreg=128),
     KernelConfig(128, 128, 8, 3, False),
     KernelConfig(128, 128, 8, 2, False),
     KernelConfig(64, 64, 4, 2, False),

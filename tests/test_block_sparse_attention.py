@@ -186,3 +186,22 @@ def test_normalize_kv_ranges_merges_and_validates():
         normalize_kv_ranges([(3, 2)], 10)
     with pytest.raises(ValueError):
         normalize_kv_ranges([(0, 11)], 10)
+
+
+def test_radial_plan_runs_through_the_kernel():
+    """A Radial plan (ragged blocks, sink frame and text as dense ranges) gives masked softmax over exactly
+    the layout blocks plus the range keys."""
+    from vidaccel.attention.radial import TokenLayout, radial_block_layout
+
+    token_layout = TokenLayout(4, 3, 7, 6, "after")  # 90 tokens: ragged with 32-token blocks
+    plan = radial_block_layout(token_layout, block_size=32, decay=0.5, device=DEVICE)
+    n = token_layout.total_tokens
+    q, k, v = _qkv(1, 2, n, n, 64, torch.float16, "bshd", seed=11)
+    out = block_sparse_attention(q, k, v, plan.layout, tensor_layout="bshd", dense_kv_ranges=plan.dense_kv_ranges)
+    allowed = plan.layout.to_dense_mask()[0].clone()
+    for start, end in plan.dense_kv_ranges:
+        allowed[:, start:end] = True
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        *(t.transpose(1, 2).double() for t in (q, k, v)), attn_mask=allowed).transpose(1, 2)
+    _check(out, ref.float(), dtype=torch.float16)
+    assert plan.density == pytest.approx(allowed.double().mean().item())
