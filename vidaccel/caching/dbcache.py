@@ -115,7 +115,7 @@ class DBCacheState:
         self.calls = 0
         self.cached_total = 0
         self.consecutive_cached = 0
-        self.probe_diffs: list[tuple[int, torch.Tensor | None]] = []
+        self.probe_diffs: list[tuple[int, torch.Tensor | float | None]] = []  # device tensors until read
         self.vetoes: collections.Counter[str] = collections.Counter()
 
     def veto(self, probe: torch.Tensor) -> str | None:
