@@ -8,6 +8,8 @@ Beside each figure: its Amdahl bound from the measured attention share, the layo
 fraction. Writes JSON records (fields as in benchmarks/RESULTS.md) to --out.
 
     python benchmarks/bench_radial_e2e.py --out results.json [--steps 50] [--skip-14b]
+
+Needs vidaccel installed (pip install -e . here; on a bare GPU box, a wheel of it).
 """
 
 from __future__ import annotations
@@ -22,8 +24,6 @@ import sys
 import time
 
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import vidaccel  # noqa: E402
 from vidaccel.attention.dense import DenseAttention  # noqa: E402
