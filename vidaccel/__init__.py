@@ -9,12 +9,14 @@
 from .api import AccelHandle, active_handle, apply
 from .attention.dense import DenseAttention
 from .attention.radial_method import RadialAttention
+from .caching import DBCache, LeMiCa
 from .errors import AlreadyAcceleratedError, UnsupportedPipelineError
 from .presets import Preset, list_presets
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AccelHandle", "AlreadyAcceleratedError", "active_handle", "DenseAttention", "Preset", "RadialAttention", "UnsupportedPipelineError", "apply",
+    "AccelHandle", "AlreadyAcceleratedError", "DBCache", "DenseAttention", "LeMiCa", "Preset", "RadialAttention",
+    "active_handle", "UnsupportedPipelineError", "apply",
     "list_presets", "__version__",
 ]

@@ -7,6 +7,7 @@ from typing import Any, Callable, Optional
 
 from .attention.dense import DenseAttention
 from .attention.radial_method import RadialAttention
+from .caching import DBCache
 from .method import MethodConfig
 
 
@@ -44,6 +45,7 @@ class Preset:
 _PRESETS: dict[str, Callable[[], Preset]] = {
     "dense": lambda: Preset(attention=DenseAttention(), name="dense"),
     "radial": lambda: Preset(attention=RadialAttention(), name="radial"),
+    "dbcache": lambda: Preset(cache=DBCache(), name="dbcache"),
 }
 
 
