@@ -1,0 +1,698 @@
+#!/usr/bin/env python
+"""Train the shipped reference model on procedurally generated clips, and measure it.
+
+Stages (``--stage``):
+  vae          train the Wan VAE on short crops (few frames, small tiles), then measure per-channel latent statistics
+  transformer  train the Wan transformer with Wan's flow-matching objective on latents of full-size clips
+  all          vae then transformer
+  install      write packed weights from a training machine (``--import-dir``) into the asset folder
+  acceptance   generate the held-out captions, check object colours, measure attention locality and timing
+  export-text-encoder  write an fp16 copy of MiniLM (small enough to carry to a training machine)
+
+Every step draws its clips, noise and timesteps from seeds derived from (--seed, stage, step), so a run resumed
+from a checkpoint (``--resume``) continues exactly where it stopped. With ``--vae-seconds`` / ``--transformer-seconds``
+the step count is planned from the throughput measured in the first steps and recorded in the log; passing that
+count as ``--vae-steps`` / ``--transformer-steps`` (and no seconds) repeats the run. Checkpoints hold weights, the
+EMA copy and the AdamW moments as safetensors beside a JSON file (no pickle).
+
+Example (GPU):  python benchmarks/train_reference.py --stage all --vae-seconds 120 --transformer-seconds 270
+Smoke (CPU):    python benchmarks/train_reference.py --stage all --config smoke --vae-steps 3 --transformer-steps 3 \
+                    --assets-dir /tmp/ref --log-dir /tmp/ref/logs --checkpoint-dir /tmp/ref/ckpt
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from vidaccel.reference import data  # noqa: E402
+from vidaccel.reference.architecture import (  # noqa: E402
+    FLOW_SHIFT, GENERATION_DEFAULTS, NUM_TRAIN_TIMESTEPS, SHIPPED, SMOKE, ReferenceSizes, build_transformer, build_vae,
+)
+from vidaccel.reference.pipeline import write_reference_assets  # noqa: E402
+from vidaccel.reference.text_encoder import encode_captions, load_minilm, minilm_model_dir  # noqa: E402
+
+STAGE_IDS = {"vae": 1, "transformer": 2, "acceptance": 3}
+CONFIGS = {"shipped": SHIPPED, "smoke": SMOKE}
+
+
+def step_seed(seed: int, stage: str, step: int) -> int:
+    """Independent, reproducible seed for each (run seed, stage, step)."""
+    return (seed * 1_000_003 + STAGE_IDS[stage] * 1_000_000_007 + step * 7_919) % (2**62)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stage", default="all",
+                        choices=["all", "vae", "transformer", "install", "acceptance", "export-text-encoder"])
+    parser.add_argument("--config", default="shipped", choices=sorted(CONFIGS))
+    parser.add_argument("--seed", type=int, default=20261127)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--assets-dir", type=Path, default=REPO / "assets" / "reference")
+    parser.add_argument("--log-dir", type=Path, default=REPO / "benchmarks" / "reference_training")
+    parser.add_argument("--checkpoint-dir", type=Path, default=REPO / "out" / "reference_checkpoints")
+    parser.add_argument("--export-dir", type=Path, default=None,
+                        help="also write packed weights here (vae.safetensors, transformer.safetensors)")
+    parser.add_argument("--import-dir", type=Path, default=None, help="packed weights for --stage install")
+    parser.add_argument("--text-encoder-dir", type=Path, default=None, help="MiniLM folder (default: the package)")
+    parser.add_argument("--resume", action="store_true", help="continue from the stage checkpoint if present")
+    parser.add_argument("--checkpoint-every", type=int, default=500)
+    parser.add_argument("--log-every", type=int, default=25)
+    parser.add_argument("--deadline-seconds", type=float, default=None,
+                        help="stop training, whatever the plan, this long after start")
+    # VAE
+    parser.add_argument("--vae-steps", type=int, default=2000)
+    parser.add_argument("--vae-seconds", type=float, default=None)
+    parser.add_argument("--vae-batch", type=int, default=16)
+    parser.add_argument("--vae-lr", type=float, default=6e-4)
+    parser.add_argument("--vae-frames", type=int, default=9, help="frames per training crop (4k + 1)")
+    parser.add_argument("--vae-tile", type=int, default=128, help="side of the square training crop, pixels")
+    parser.add_argument("--vae-kl-weight", type=float, default=1e-4)
+    parser.add_argument("--latent-stat-clips", type=int, default=64)
+    # transformer
+    parser.add_argument("--transformer-steps", type=int, default=4000)
+    parser.add_argument("--transformer-seconds", type=float, default=None)
+    parser.add_argument("--transformer-batch", type=int, default=32)
+    parser.add_argument("--transformer-lr", type=float, default=5e-4)
+    parser.add_argument("--latent-reuse", type=int, default=2,
+                        help="optimizer steps (fresh noise and timesteps each) per rendered and encoded batch")
+    parser.add_argument("--caption-dropout", type=float, default=0.1)
+    parser.add_argument("--ema-decay", type=float, default=0.999)
+    # acceptance
+    parser.add_argument("--acceptance-steps", type=int, default=GENERATION_DEFAULTS["num_inference_steps"])
+    parser.add_argument("--acceptance-videos", type=int, default=None, help="default: every held-out caption")
+    parser.add_argument("--acceptance-seconds", type=float, default=None,
+                        help="start no new generation after this long (the result records how many ran)")
+    parser.add_argument("--locality-videos", type=int, default=2)
+    parser.add_argument("--locality-query-stride", type=int, default=1)
+    parser.add_argument("--time-generation", action="store_true",
+                        help="time one full-size generation with the default step count on --device")
+    parser.add_argument("--acceptance-out", type=Path, default=None, help="default: <log-dir>/acceptance.json")
+    parser.add_argument("--samples-out", type=Path, default=None, help="PNG strip of generated held-out clips")
+    return parser.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# shared pieces
+
+
+class RunLog:
+    """Loss curves and run facts, rewritten to JSON (and one CSV per stage) whenever something is added."""
+
+    def __init__(self, folder: Path, args: argparse.Namespace, sizes: ReferenceSizes) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / "training_log.json"
+        self.content: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.content["sizes"] = dataclasses.asdict(sizes)
+        self.content.setdefault("stages", {})
+        self.content.setdefault("invocations", []).append({
+            "argv": sys.argv[1:], "device": str(args.device), "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name() if str(args.device).startswith("cuda") else None,
+        })
+
+    def stage(self, name: str) -> dict[str, Any]:
+        return self.content["stages"].setdefault(name, {"curve": []})
+
+    def save(self) -> None:
+        self.path.write_text(json.dumps(self.content, indent=1) + "\n")
+        for name, stage in self.content["stages"].items():
+            if stage.get("curve"):
+                with open(self.folder / f"{name}_loss.csv", "w", newline="") as handle:
+                    writer = csv.DictWriter(handle, fieldnames=list(stage["curve"][0]))
+                    writer.writeheader()
+                    writer.writerows(stage["curve"])
+
+
+def learning_rate(base: float, step: int, warmup: int, planned: int | None) -> float:
+    """Linear warm-up, then cosine decay to 10% over the planned steps (flat until the plan is known)."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    if planned is None or planned <= warmup:
+        return base
+    progress = min(1.0, (step - warmup) / max(1, planned - warmup))
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class StepPlanner:
+    """Turns a time budget into a step count from the throughput of steps [skip, skip + measure)."""
+
+    def __init__(self, steps: int, seconds: float | None, skip: int = 5, measure: int = 20) -> None:
+        self.max_steps, self.seconds, self.skip, self.measure = steps, seconds, skip, measure
+        self.planned: int | None = steps if seconds is None else None
+        self.started = time.perf_counter()
+        self._mark: float | None = None
+        self.seconds_per_step: float | None = None
+
+    def after_step(self, done: int) -> None:
+        """``done`` steps of this process finished (resumed steps do not count)."""
+        if self.planned is not None:
+            return
+        if done == self.skip:
+            self._mark = time.perf_counter()
+        elif done == self.skip + self.measure:
+            self.seconds_per_step = (time.perf_counter() - self._mark) / self.measure
+            remaining = self.seconds - (time.perf_counter() - self.started)
+            self.planned_extra = max(0, int(remaining / self.seconds_per_step))
+
+    def out_of_time(self) -> bool:
+        return self.seconds is not None and time.perf_counter() - self.started > self.seconds
+
+    def resolve(self, step: int) -> int | None:
+        if self.planned is None and self.seconds_per_step is not None:
+            self.planned = min(self.max_steps, step + 1 + self.planned_extra)
+        return self.planned
+
+
+def optimizer_state_tensors(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for index, param in enumerate(params):
+        state = optimizer.state.get(param, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                tensors[f"optimizer.{index}.{key}"] = state[key].detach().cpu().contiguous()
+    return tensors
+
+
+def restore_optimizer_state(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
+                            tensors: dict[str, torch.Tensor], step: int) -> None:
+    for index, param in enumerate(params):
+        if f"optimizer.{index}.exp_avg" in tensors:
+            optimizer.state[param] = {
+                "step": torch.tensor(float(step)),
+                "exp_avg": tensors[f"optimizer.{index}.exp_avg"].to(param.device),
+                "exp_avg_sq": tensors[f"optimizer.{index}.exp_avg_sq"].to(param.device),
+            }
+
+
+def save_checkpoint(folder: Path, stage: str, model: torch.nn.Module, ema: dict[str, torch.Tensor] | None,
+                    optimizer: torch.optim.Optimizer, step: int, meta: dict[str, Any]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if ema is not None:
+        tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.items()})
+    tensors.update(optimizer_state_tensors(optimizer, params))
+    save_file(tensors, str(folder / f"{stage}_checkpoint.safetensors"))
+    (folder / f"{stage}_checkpoint.json").write_text(json.dumps({"step": step, **meta}, indent=1) + "\n")
+
+
+def load_checkpoint(folder: Path, stage: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    weights, meta = folder / f"{stage}_checkpoint.safetensors", folder / f"{stage}_checkpoint.json"
+    if not (weights.is_file() and meta.is_file()):
+        return None
+    return load_file(str(weights)), json.loads(meta.read_text())
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; plain float32 elsewhere (CPU runs are tests and must stay exact)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+def decode_unclamped(vae, latents: torch.Tensor) -> torch.Tensor:
+    """``AutoencoderKLWan.decode`` without its final clamp to [-1, 1], whose zero gradient would strand overshoots.
+
+    Same frame-by-frame causal decoding with the feature cache as diffusers 0.42's ``_decode``.
+    """
+    vae.clear_cache()
+    x = vae.post_quant_conv(latents)
+    frames = []
+    for index in range(latents.shape[2]):
+        vae._conv_idx = [0]
+        frames.append(vae.decoder(x[:, :, index:index + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
+                                  first_chunk=index == 0))
+    vae.clear_cache()
+    return torch.cat(frames, dim=2)
+
+
+class CaptionBank:
+    """Caption -> prompt embedding exactly as WanPipeline computes it, encoded once per caption."""
+
+    def __init__(self, device: torch.device, max_sequence_length: int, folder: Path | None) -> None:
+        self.encoder, self.tokenizer = load_minilm(device=device, dtype=torch.float32, path=folder)
+        self.max_sequence_length = max_sequence_length
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        missing = sorted({c for c in captions if c not in self.cache})
+        for start in range(0, len(missing), 256):
+            chunk = missing[start:start + 256]
+            for caption, embedding in zip(chunk, encode_captions(self.encoder, self.tokenizer, chunk,
+                                                                 self.max_sequence_length)):
+                self.cache[caption] = embedding
+        return torch.stack([self.cache[c] for c in captions])
+
+
+def latent_normaliser(vae, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    channels = vae.config.z_dim
+    mean = torch.tensor(vae.config.latents_mean, device=device).view(1, channels, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, device=device).view(1, channels, 1, 1, 1)
+    return mean, std
+
+
+def export_weights(folder: Path, name: str, model: torch.nn.Module, state: dict[str, torch.Tensor] | None = None) -> None:
+    """One safetensors file per component with its diffusers config in the metadata (cheap to carry back)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in (state or model.state_dict()).items()}
+    save_file(tensors, str(folder / f"{name}.safetensors"), metadata={"config": json.dumps(dict(model.config))})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# VAE
+
+
+def train_vae(args: argparse.Namespace, sizes: ReferenceSizes, log: RunLog, device: torch.device, deadline: float):
+    torch.manual_seed(args.seed)
+    vae = build_vae(sizes).to(device).train()
+    params = [p for p in vae.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    record = log.stage("vae")
+    start, planner = 0, StepPlanner(args.vae_steps, args.vae_seconds)
+    checkpoint = load_checkpoint(args.checkpoint_dir, "vae") if args.resume else None
+    if checkpoint is not None:
+        tensors, meta = checkpoint
+        vae.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        start = meta["step"] + 1
+        restore_optimizer_state(optimizer, params, tensors, start)
+        if planner.planned is None:  # a time budget was planned once; keep that plan
+            planner.planned = meta["planned_steps"]
+        record["curve"] = [row for row in record["curve"] if row["step"] < start]
+        print(f"vae: resumed at step {start} of {planner.planned}", flush=True)
+    if (args.vae_frames - 1) % 4:
+        raise ValueError("--vae-frames must be 4k + 1")
+    crop_frames = min(args.vae_frames, sizes.num_frames)
+    tile = min(args.vae_tile, sizes.height, sizes.width)
+    window: dict[str, float] = {}
+    began, step, done = time.perf_counter(), start, 0
+    while True:
+        planned = planner.resolve(step)
+        if (planned is not None and step >= planned) or planner.out_of_time() or time.perf_counter() > deadline:
+            break
+        seed = step_seed(args.seed, "vae", step)
+        scenes = data.sample_scenes(args.vae_batch, seed)
+        clips = data.render_clips(scenes, seed=seed, num_frames=sizes.num_frames, height=sizes.height,
+                                  width=sizes.width, device=device)
+        crop = torch.Generator().manual_seed(seed + 1)
+        t0 = int(torch.randint(sizes.num_frames - crop_frames + 1, (1,), generator=crop))
+        y0 = int(torch.randint(sizes.height - tile + 1, (1,), generator=crop))
+        x0 = int(torch.randint(sizes.width - tile + 1, (1,), generator=crop))
+        target = clips[:, :, t0:t0 + crop_frames, y0:y0 + tile, x0:x0 + tile]
+        noise_generator = torch.Generator(device=device).manual_seed(seed + 2)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(args.vae_lr, step, warmup=100, planned=planned)
+        with autocast(device):
+            moments = vae.encode(target).latent_dist
+            mean, logvar = moments.mean.float(), moments.logvar.float()
+            latents = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=noise_generator,
+                                                                   device=device)
+            recon = decode_unclamped(vae, latents).float()
+        l1 = (recon - target).abs().mean()
+        # Edges carry the shapes: an L1 term on finite differences keeps them sharp.
+        edges = sum((recon.diff(dim=d) - target.diff(dim=d)).abs().mean() for d in (2, 3, 4))
+        kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).mean()
+        loss = l1 + 0.5 * edges + args.vae_kl_weight * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        for key, value in (("loss", loss), ("l1", l1), ("edges", edges), ("kl", kl), ("grad_norm", grad_norm)):
+            window[key] = window.get(key, 0.0) + float(value.detach())
+        window["n"] = window.get("n", 0) + 1
+        done += 1
+        planner.after_step(done)
+        if (step + 1) % args.log_every == 0 or (planned is not None and step + 1 == planned):
+            row = {"step": step, **{k: round(v / window["n"], 6) for k, v in window.items() if k != "n"},
+                   "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - began, 2)}
+            record["curve"].append(row)
+            window = {}
+            print(f"vae {row}", flush=True)
+        if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
+            save_checkpoint(args.checkpoint_dir, "vae", vae, None, optimizer, step, {"planned_steps": planner.planned})
+        step += 1
+    record.update({"steps_done": step, "planned_steps": planner.planned, "seconds": round(time.perf_counter() - began, 1),
+                   "seconds_per_step": planner.seconds_per_step, "stopped_by_deadline": planner.planned is None or step < planner.planned,
+                   "batch": args.vae_batch, "crop": [crop_frames, tile, tile], "lr": args.vae_lr,
+                   "kl_weight": args.vae_kl_weight})
+    save_checkpoint(args.checkpoint_dir, "vae", vae, None, optimizer, step - 1, {"planned_steps": planner.planned})
+    vae.eval()
+    stats = measure_latent_statistics(vae, sizes, args, device)
+    vae.register_to_config(latents_mean=stats["mean"], latents_std=stats["std"])
+    record["latent_statistics"] = stats
+    log.save()
+    return vae
+
+
+@torch.no_grad()
+def measure_latent_statistics(vae, sizes: ReferenceSizes, args: argparse.Namespace, device: torch.device) -> dict:
+    """Per-channel mean and std of posterior means over full-size training clips (WanPipeline de-normalises with them)."""
+    total = torch.zeros(sizes.latent_channels, dtype=torch.float64)
+    squares = torch.zeros_like(total)
+    count, recon_error, batch = 0, 0.0, min(args.vae_batch, 8)
+    batches = max(1, args.latent_stat_clips // batch)
+    for index in range(batches):
+        seed = step_seed(args.seed, "vae", 10_000_000 + index)
+        clips = data.render_clips(data.sample_scenes(batch, seed), seed=seed, num_frames=sizes.num_frames,
+                                  height=sizes.height, width=sizes.width, device=device)
+        with autocast(device):
+            latents = vae.encode(clips).latent_dist.mode().float()
+        if index == 0:  # full-size reconstruction error, float32 as at inference
+            recon = vae.decode(latents.float()).sample
+            recon_error = float((recon.float() - clips).abs().mean())
+        flat = latents.transpose(0, 1).reshape(sizes.latent_channels, -1).double().cpu()
+        total += flat.sum(1)
+        squares += flat.square().sum(1)
+        count += flat.shape[1]
+    mean = total / count
+    std = (squares / count - mean.square()).clamp_min(1e-8).sqrt()
+    return {"mean": [round(v, 6) for v in mean.tolist()], "std": [round(v, 6) for v in std.tolist()],
+            "clips": batches * batch, "full_size_reconstruction_l1": recon_error}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# transformer
+
+
+def train_transformer(args: argparse.Namespace, sizes: ReferenceSizes, log: RunLog, device: torch.device,
+                      deadline: float, vae=None):
+    from diffusers import AutoencoderKLWan
+
+    if vae is None:
+        vae = AutoencoderKLWan.from_pretrained(args.assets_dir / "vae")
+    vae = vae.to(device).eval().requires_grad_(False)
+    latent_mean, latent_std = latent_normaliser(vae, device)
+    bank = CaptionBank(device, sizes.max_sequence_length, args.text_encoder_dir)
+    empty = bank([""])[0]  # WanPipeline's default negative prompt, the unconditional branch of CFG
+
+    torch.manual_seed(args.seed + 1)
+    transformer = build_transformer(sizes).to(device).train()
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.transformer_lr, betas=(0.9, 0.99), weight_decay=0.01)
+    ema = {k: v.detach().clone().float() for k, v in transformer.state_dict().items()}
+    record = log.stage("transformer")
+    start, planner = 0, StepPlanner(args.transformer_steps, args.transformer_seconds)
+    checkpoint = load_checkpoint(args.checkpoint_dir, "transformer") if args.resume else None
+    if checkpoint is not None:
+        tensors, meta = checkpoint
+        transformer.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        ema = {k[4:]: v.to(device) for k, v in tensors.items() if k.startswith("ema.")}
+        start = meta["step"] + 1
+        restore_optimizer_state(optimizer, params, tensors, start)
+        if planner.planned is None:  # a time budget was planned once; keep that plan
+            planner.planned = meta["planned_steps"]
+        record["curve"] = [row for row in record["curve"] if row["step"] < start]
+        print(f"transformer: resumed at step {start} of {planner.planned}", flush=True)
+
+    ema_keys = sorted(ema)
+    window: dict[str, float] = {}
+    batch_index, x0, embeddings = None, None, None
+    began, step, done = time.perf_counter(), start, 0
+    encode_seconds = 0.0
+    while True:
+        planned = planner.resolve(step)
+        if (planned is not None and step >= planned) or planner.out_of_time() or time.perf_counter() > deadline:
+            break
+        if batch_index != step // args.latent_reuse:
+            batch_index = step // args.latent_reuse
+            seed = step_seed(args.seed, "transformer", batch_index)
+            scenes = data.sample_scenes(args.transformer_batch, seed)
+            tick = time.perf_counter()
+            with torch.no_grad():
+                clips = data.render_clips(scenes, seed=seed, num_frames=sizes.num_frames, height=sizes.height,
+                                          width=sizes.width, device=device)
+                with autocast(device):
+                    latents = vae.encode(clips).latent_dist.mode().float()
+                x0 = (latents - latent_mean) / latent_std
+                embeddings = bank([scene.caption for scene in scenes])
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            encode_seconds += time.perf_counter() - tick
+        generator = torch.Generator(device=device).manual_seed(step_seed(args.seed, "transformer", step) + 1)
+        batch = x0.shape[0]
+        noise = torch.randn(x0.shape, generator=generator, device=device)
+        uniform = torch.rand(batch, generator=generator, device=device)
+        sigma = FLOW_SHIFT * uniform / (1 + (FLOW_SHIFT - 1) * uniform)  # the sampler's sigma density
+        dropped = torch.rand(batch, generator=generator, device=device) < args.caption_dropout
+        context = torch.where(dropped.view(-1, 1, 1), empty.expand_as(embeddings), embeddings)
+        s = sigma.view(-1, 1, 1, 1, 1)
+        noisy = (1 - s) * x0 + s * noise
+        target = noise - x0
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(args.transformer_lr, step, warmup=200, planned=planned)
+        with autocast(device):
+            prediction = transformer(hidden_states=noisy, timestep=sigma * NUM_TRAIN_TIMESTEPS,
+                                     encoder_hidden_states=context, return_dict=False)[0]
+        loss = F.mse_loss(prediction.float(), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        decay = min(args.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            current = transformer.state_dict()
+            torch._foreach_lerp_([ema[k] for k in ema_keys], [current[k].float() for k in ema_keys], 1 - decay)
+        window["loss"] = window.get("loss", 0.0) + float(loss.detach())
+        window["grad_norm"] = window.get("grad_norm", 0.0) + float(grad_norm)
+        window["n"] = window.get("n", 0) + 1
+        done += 1
+        planner.after_step(done)
+        if (step + 1) % args.log_every == 0 or (planned is not None and step + 1 == planned):
+            row = {"step": step, **{k: round(v / window["n"], 6) for k, v in window.items() if k != "n"},
+                   "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - began, 2)}
+            record["curve"].append(row)
+            window = {}
+            print(f"transformer {row}", flush=True)
+        if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
+            save_checkpoint(args.checkpoint_dir, "transformer", transformer, ema, optimizer, step,
+                            {"planned_steps": planner.planned})
+        step += 1
+    record.update({"steps_done": step, "planned_steps": planner.planned, "seconds": round(time.perf_counter() - began, 1),
+                   "seconds_per_step": planner.seconds_per_step, "render_and_encode_seconds": round(encode_seconds, 1),
+                   "stopped_by_deadline": planner.planned is None or step < planner.planned,
+                   "batch": args.transformer_batch, "lr": args.transformer_lr, "latent_reuse": args.latent_reuse,
+                   "caption_dropout": args.caption_dropout, "ema_decay": args.ema_decay, "flow_shift": FLOW_SHIFT,
+                   "captions_encoded": len(bank.cache)})
+    save_checkpoint(args.checkpoint_dir, "transformer", transformer, ema, optimizer, step - 1,
+                    {"planned_steps": planner.planned})
+    log.save()
+    transformer.load_state_dict({k: v.to(transformer.dtype) for k, v in ema.items()})
+    return transformer.eval(), vae
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# acceptance
+
+
+def run_acceptance(args: argparse.Namespace, sizes: ReferenceSizes, device: torch.device) -> dict[str, Any]:
+    import numpy as np
+
+    from vidaccel.reference.evaluation import AttentionLocalityProbe, classify_object_colour, clips_to_videos
+    from vidaccel.reference.pipeline import reference_pipeline
+
+    pipe = reference_pipeline(device=device, path=args.assets_dir)
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(GENERATION_DEFAULTS, num_inference_steps=args.acceptance_steps, height=sizes.height,
+                width=sizes.width, num_frames=sizes.num_frames, max_sequence_length=sizes.max_sequence_length)
+    scenes = data.evaluation_scenes()[: args.acceptance_videos]
+    result: dict[str, Any] = {"device": str(device), "call": call, "captions": len(scenes)}
+    if device.type == "cuda":
+        result["gpu"] = torch.cuda.get_device_name()
+
+    # The classifier itself, on ground-truth renders of the same captions and on their VAE round trip.
+    seed = step_seed(args.seed, "acceptance", 0)
+    truth = data.render_clips(scenes, seed=seed, num_frames=sizes.num_frames, height=sizes.height,
+                              width=sizes.width, device=device)
+    with torch.no_grad():
+        roundtrip = torch.cat([pipe.vae.decode(pipe.vae.encode(clip[None]).latent_dist.mode()).sample for clip in truth])
+    for name, clips in (("classifier_on_renders", truth), ("classifier_on_vae_roundtrip", roundtrip)):
+        videos = clips_to_videos(clips)
+        hits = sum(classify_object_colour(video) == scene.colour for video, scene in zip(videos, scenes))
+        result[name] = hits / len(scenes)
+
+    rows, strips = [], []
+    probe_summary = None
+    began = time.perf_counter()
+    for index, scene in enumerate(scenes):
+        if args.acceptance_seconds is not None and time.perf_counter() - began > args.acceptance_seconds:
+            print(f"acceptance: time budget spent after {index} videos", flush=True)
+            break
+        generator = torch.Generator(device="cpu").manual_seed(1000 + index)
+        if index < args.locality_videos:
+            with AttentionLocalityProbe(pipe.transformer, query_stride=args.locality_query_stride) as probe:
+                video = pipe(scene.caption, generator=generator, output_type="pt", **call).frames[0]
+            summary = probe.summary()
+            probe_summary = summary if probe_summary is None else _merge_locality(probe_summary, summary)
+        else:
+            video = pipe(scene.caption, generator=generator, output_type="pt", **call).frames[0]
+        predicted = classify_object_colour(video)
+        rows.append({"caption": scene.caption, "expected": scene.colour, "predicted": predicted,
+                     "match": predicted == scene.colour})
+        print(f"acceptance {index}: {scene.caption!r} -> {predicted}", flush=True)
+        if len(strips) < 8:
+            picks = [0, sizes.num_frames // 2, sizes.num_frames - 1]
+            strips.append(np.concatenate([video[f].permute(1, 2, 0).float().cpu().numpy() for f in picks], axis=1))
+    result["generation_seconds_total"] = round(time.perf_counter() - began, 1)
+    result["videos_generated"] = len(rows)
+    result["colour_match_rate"] = sum(r["match"] for r in rows) / len(rows)
+    result["colour_threshold"] = 0.7
+    result["colour_passed"] = result["colour_match_rate"] >= 0.7
+    result["videos"] = rows
+    if probe_summary is not None:
+        probe_summary["videos"] = min(args.locality_videos, len(scenes))
+        probe_summary["query_stride"] = args.locality_query_stride
+        result["attention_locality"] = probe_summary
+    if args.samples_out is not None and strips:
+        from PIL import Image
+
+        args.samples_out.parent.mkdir(parents=True, exist_ok=True)
+        grid = (np.clip(np.concatenate(strips, axis=0), 0, 1) * 255).astype(np.uint8)
+        Image.fromarray(grid).save(args.samples_out)
+    if args.time_generation:
+        result["timing"] = time_generation(pipe, sizes, device)
+    return result
+
+
+def _merge_locality(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    """Average two locality summaries of the same model (equal weights: same grid and query count)."""
+    merged = dict(first)
+    for key in ("mean_mass_within_1_frame", "mean_mass_in_window"):
+        merged[key] = (first[key] + second[key]) / 2
+    merged["layers"] = [
+        {**a, "mass_within_1_frame": [(x + y) / 2 for x, y in zip(a["mass_within_1_frame"], b["mass_within_1_frame"])],
+         "mass_in_window": [(x + y) / 2 for x, y in zip(a["mass_in_window"], b["mass_in_window"])]}
+        for a, b in zip(first["layers"], second["layers"])
+    ]
+    return merged
+
+
+def time_generation(pipe, sizes: ReferenceSizes, device: torch.device) -> dict[str, Any]:
+    """Wall time of one default generation (CFG, default step count), split into transformer and VAE decode."""
+    call = dict(GENERATION_DEFAULTS, height=sizes.height, width=sizes.width, num_frames=sizes.num_frames,
+                max_sequence_length=sizes.max_sequence_length)
+    caption = data.evaluation_scenes()[0].caption
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    pipe(caption, generator=generator, output_type="latent", **dict(call, num_inference_steps=2))  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    began = time.perf_counter()
+    latents = pipe(caption, generator=generator, output_type="latent", **call).frames
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    denoise = time.perf_counter() - began
+    began = time.perf_counter()
+    with torch.no_grad():
+        mean = torch.tensor(pipe.vae.config.latents_mean).view(1, -1, 1, 1, 1).to(latents)
+        std = torch.tensor(pipe.vae.config.latents_std).view(1, -1, 1, 1, 1).to(latents)
+        pipe.vae.decode(latents * std + mean)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    decode = time.perf_counter() - began
+    return {"steps": call["num_inference_steps"], "guidance_scale": call["guidance_scale"],
+            "threads": torch.get_num_threads(), "denoise_seconds": round(denoise, 2),
+            "vae_decode_seconds": round(decode, 2), "total_seconds": round(denoise + decode, 2)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# moving weights between machines
+
+
+def install_from_export(import_dir: Path, assets_dir: Path) -> None:
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+    components = {}
+    for name, cls in (("vae", AutoencoderKLWan), ("transformer", WanTransformer3DModel)):
+        path = import_dir / f"{name}.safetensors"
+        if not path.is_file():
+            continue
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as handle:
+            config = json.loads(handle.metadata()["config"])
+        model = cls.from_config(config)
+        model.load_state_dict(load_file(str(path)))
+        components[name] = model
+    if not components:
+        raise FileNotFoundError(f"no vae.safetensors or transformer.safetensors in {import_dir}")
+    write_reference_assets(assets_dir, **components)
+    print(f"installed {sorted(components)} into {assets_dir}")
+
+
+def export_text_encoder(target: Path) -> None:
+    """fp16 copy of the MiniLM folder (half the bytes); loaders upcast it to float32."""
+    source = minilm_model_dir()
+    target.mkdir(parents=True, exist_ok=True)
+    tensors = load_file(str(source / "model.safetensors"))
+    save_file({k: (v.half() if v.is_floating_point() else v) for k, v in tensors.items()}, str(target / "model.safetensors"),
+              metadata={"format": "pt"})
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copy2(source / name, target / name)
+    print(f"wrote {target}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    deadline = started + (args.deadline_seconds if args.deadline_seconds is not None else float("inf"))
+    sizes = CONFIGS[args.config]
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    if args.stage == "export-text-encoder":
+        export_text_encoder(args.export_dir or REPO / ".minilm_fp16")
+        return
+    if args.stage == "install":
+        install_from_export(args.import_dir, args.assets_dir)
+        return
+    if args.stage == "acceptance":
+        result = run_acceptance(args, sizes, device)
+        out = args.acceptance_out or args.log_dir / "acceptance.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        brief = {k: v for k, v in result.items() if k not in ("videos", "attention_locality")}
+        if "attention_locality" in result:
+            brief["attention_locality"] = {k: v for k, v in result["attention_locality"].items() if k != "layers"}
+        print(json.dumps(brief, indent=1))
+        return
+
+    log = RunLog(args.log_dir, args, sizes)
+    vae = None
+    if args.stage in ("all", "vae"):
+        vae = train_vae(args, sizes, log, device, deadline)
+        write_reference_assets(args.assets_dir, vae=vae)
+        if args.export_dir is not None:
+            export_weights(args.export_dir, "vae", vae)
+        print(f"vae done at {time.perf_counter() - started:.0f} s", flush=True)
+    if args.stage in ("all", "transformer"):
+        transformer, vae = train_transformer(args, sizes, log, device, deadline, vae)
+        write_reference_assets(args.assets_dir, transformer=transformer)
+        if args.export_dir is not None:
+            export_weights(args.export_dir, "transformer", transformer)
+        print(f"transformer done at {time.perf_counter() - started:.0f} s", flush=True)
+    log.content["total_seconds"] = round(time.perf_counter() - started, 1)
+    log.save()
+
+
+if __name__ == "__main__":
+    main()

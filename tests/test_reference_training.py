@@ -1,0 +1,97 @@
+"""The reference-model training script at the tiny smoke sizes: it runs, logs, writes loadable assets, packs and
+unpacks weights, and resumes exactly."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vidaccel.reference.architecture import SMOKE, build_vae
+from vidaccel.reference.pipeline import reference_pipeline
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_reference.py"
+
+
+@pytest.fixture(scope="module")
+def train():
+    spec = importlib.util.spec_from_file_location("train_reference", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _smoke_args(root: Path, *extra: str) -> list[str]:
+    return ["--config", "smoke", "--device", "cpu", "--vae-batch", "2", "--transformer-batch", "2",
+            "--latent-stat-clips", "2", "--log-every", "1", "--checkpoint-every", "0",
+            "--assets-dir", str(root / "assets"), "--log-dir", str(root / "logs"),
+            "--checkpoint-dir", str(root / "checkpoints"), *extra]
+
+
+def test_smoke_run_trains_logs_and_writes_loadable_assets(train, tmp_path):
+    train.main(_smoke_args(tmp_path, "--stage", "all", "--vae-steps", "3", "--transformer-steps", "3",
+                           "--export-dir", str(tmp_path / "export")))
+    log = json.loads((tmp_path / "logs" / "training_log.json").read_text())
+    for stage in ("vae", "transformer"):
+        assert log["stages"][stage]["steps_done"] == 3
+        assert [row["step"] for row in log["stages"][stage]["curve"]] == [0, 1, 2]
+        assert all(torch.isfinite(torch.tensor(row["loss"])) for row in log["stages"][stage]["curve"])
+        assert (tmp_path / "logs" / f"{stage}_loss.csv").is_file()
+    assert len(log["stages"]["vae"]["latent_statistics"]["std"]) == SMOKE.latent_channels
+
+    pipe = reference_pipeline(path=tmp_path / "assets")
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.vae.config.latents_std == log["stages"]["vae"]["latent_statistics"]["std"]
+    video = pipe("a green square grows over a white background", height=32, width=32, num_frames=5,
+                 num_inference_steps=2, max_sequence_length=SMOKE.max_sequence_length, output_type="pt",
+                 generator=torch.Generator().manual_seed(0)).frames
+    assert video.shape == (1, 5, 3, 32, 32) and torch.isfinite(video).all()
+
+    # Packed weights from a training machine install into an identical asset folder.
+    train.main(["--stage", "install", "--import-dir", str(tmp_path / "export"), "--assets-dir", str(tmp_path / "copy")])
+    for component in ("vae", "transformer"):
+        original = load_file(str(tmp_path / "assets" / component / "diffusion_pytorch_model.safetensors"))
+        installed = load_file(str(tmp_path / "copy" / component / "diffusion_pytorch_model.safetensors"))
+        assert original.keys() == installed.keys()
+        assert all(torch.equal(original[k], installed[k]) for k in original)
+        config = json.loads((tmp_path / "copy" / component / "config.json").read_text())
+        assert config == json.loads((tmp_path / "assets" / component / "config.json").read_text())
+
+
+def test_resumed_run_matches_an_uninterrupted_one(train, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train.main(_smoke_args(straight, "--stage", "all", "--vae-steps", "3", "--transformer-steps", "3"))
+    train.main(_smoke_args(resumed, "--stage", "vae", "--vae-steps", "2"))
+    train.main(_smoke_args(resumed, "--stage", "vae", "--vae-steps", "3", "--resume"))
+    train.main(_smoke_args(resumed, "--stage", "transformer", "--transformer-steps", "2"))
+    train.main(_smoke_args(resumed, "--stage", "transformer", "--transformer-steps", "3", "--resume"))
+    for component in ("vae", "transformer"):
+        a = load_file(str(straight / "assets" / component / "diffusion_pytorch_model.safetensors"))
+        b = load_file(str(resumed / "assets" / component / "diffusion_pytorch_model.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a), component
+
+
+def test_unclamped_decode_is_the_stock_decode_before_its_clamp(train):
+    torch.manual_seed(0)
+    vae = build_vae(SMOKE).eval()
+    latents = torch.randn(1, SMOKE.latent_channels, 2, 4, 4)
+    with torch.no_grad():
+        unclamped = train.decode_unclamped(vae, latents)
+        stock = vae.decode(latents).sample
+    assert unclamped.shape == stock.shape == (1, 3, 5, 32, 32)
+    assert torch.allclose(unclamped.clamp(-1, 1), stock, atol=1e-6)
+
+
+def test_step_planner_turns_seconds_into_a_step_count(train, monkeypatch):
+    clock = iter(float(t) for t in range(1000))
+    monkeypatch.setattr(train.time, "perf_counter", lambda: next(clock))
+    planner = train.StepPlanner(steps=10_000, seconds=100.0, skip=2, measure=4)
+    for done in range(1, 7):
+        planner.after_step(done)
+        assert planner.resolve(done) is None or done == 6
+    # The clock ticks once per reading: started at 0, marked at 1 after step 2, read at 2 after step 6 and at 3
+    # for the remaining budget, so 4 steps took 1 s and 97 s remain.
+    assert planner.seconds_per_step == pytest.approx(0.25)
+    assert planner.resolve(6) == 6 + 1 + int(97 / 0.25)
