@@ -186,10 +186,10 @@ class QuantizationResult:
 
 
 def _ineligible_reason(parent: nn.Module, child: nn.Linear) -> str | None:
-    if type(child) is not nn.Linear:
-        return f"{type(child).__name__} is a subclass of nn.Linear whose forward may differ"
     if isinstance(parent, nn.MultiheadAttention):
         return "nn.MultiheadAttention reads its projection weights directly"
+    if type(child) is not nn.Linear:
+        return f"{type(child).__name__} is a subclass of nn.Linear whose forward may differ"
     if child.weight.device.type == "meta":
         return "weight is on the meta device (not loaded)"
     if hasattr(child, "_hf_hook"):
