@@ -1,6 +1,8 @@
 """quantize_text_encoder / TextEncoderQuant: config validation, in-place swap, bit-exact restore, fidelity."""
 
 import dataclasses
+import gc
+import weakref
 from pathlib import Path
 
 import pytest
@@ -111,6 +113,15 @@ def test_umt5_quantize_then_restore_is_bit_exact(method):
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).last_hidden_state, ref)
     result.restore()  # second call is a no-op
+
+
+def test_restore_releases_the_packed_weights():
+    model = nn.Sequential(nn.Linear(64, 64))
+    result = quantize_text_encoder(model, TextEncoderQuant(method="int4"))
+    packed = weakref.ref(model[0])
+    result.restore()
+    gc.collect()
+    assert packed() is None  # a result kept around holds no quantized storage after the way back
 
 
 def test_umt5_hadamard_and_wo_flag():

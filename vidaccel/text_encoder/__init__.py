@@ -1,1 +1,20 @@
+"""Low-precision text encoders: weight formats, SINQ, Hadamard rotation, in-place quantize/restore, fidelity.
 
+Entry point: ``quantize_text_encoder(encoder, TextEncoderQuant(method="int8"))``.
+"""
+
+from .eval import TokenFidelity, hf_encode_fn, load_default_prompts, measure_fidelity
+from .quantize import QuantizationResult, TextEncoderQuant, quantize_text_encoder
+from .quantized_linear import METHODS, QuantizedLinear
+
+__all__ = [
+    "METHODS",
+    "QuantizationResult",
+    "QuantizedLinear",
+    "TextEncoderQuant",
+    "TokenFidelity",
+    "hf_encode_fn",
+    "load_default_prompts",
+    "measure_fidelity",
+    "quantize_text_encoder",
+]

@@ -167,6 +167,8 @@ class QuantizationResult:
             assert swap.original is not None
             swap.original.to(device=swap.quantized.qweight.device)
             swap.parent._modules[swap.child_name] = swap.original
+        # Let the packed weights go: a kept result must not hold device memory after the way back.
+        self._swaps = []
         self.restored = True
 
     def summary(self) -> dict[str, Any]:
