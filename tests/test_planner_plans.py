@@ -46,11 +46,11 @@ def test_make_plans_writes_valid_optimal_plans(small_wan, tmp_path):
     pipe, kwargs = small_wan, planner_kwargs("wan")
     prompts = ["a red circle moves left", "a green square runs up"]
     checkpoint = tmp_path / "edges.json"
-    planned = make_plans(pipe, prompts, STEPS, [4, 2, 3], 3, kwargs, tmp_path / "plans", checkpoint, progress=False)
+    planned = make_plans(pipe, prompts, STEPS, [4, 2, 3], 2, kwargs, tmp_path / "plans", checkpoint, progress=False)
     assert [item.budget for item in planned] == [2, 3, 4]
 
     measurements = EdgeMeasurements.load(checkpoint)
-    dag = build_error_dag(STEPS, measurements.mean_errors("relative_l1"), 3)
+    dag = build_error_dag(STEPS, measurements.mean_errors("relative_l1"), 2)
     for item in planned:
         assert item.path == str(tmp_path / "plans" / plan_filename(STEPS, item.budget))
         plan = LeMiCaPlan.from_json(item.path)
@@ -119,19 +119,21 @@ def run_cli(argv):
 
 def test_cli_tiny_wan_writes_plans_and_resumes(tmp_path, capsys):
     out = tmp_path / "plans"
-    argv = ["--tiny", "wan", "--steps", str(STEPS), "--budgets", "3,4", "--max-skip", "2", "--num-prompts", "1",
+    argv = ["--tiny", "wan", "--steps", str(STEPS), "--budgets", "4,5", "--max-skip", "1", "--num-prompts", "1",
             "--out", str(out), "--quiet"]
     assert run_cli(argv) == 0
     printed = capsys.readouterr().out
-    assert "max edge error" in printed and "3/6" in printed and "4/6" in printed
-    plans = {budget: LeMiCaPlan.from_json(out / plan_filename(STEPS, budget)) for budget in (3, 4)}
-    assert plans[3].budget == 3 and plans[4].budget == 4
-    assert (out / f"lemica-edges-{STEPS}steps.json").exists()
+    assert "max edge error" in printed and "4/6" in printed and "5/6" in printed
+    plans = {budget: LeMiCaPlan.from_json(out / plan_filename(STEPS, budget)) for budget in (4, 5)}
+    assert plans[4].budget == 4 and plans[5].budget == 5
+    checkpoint = out / f"lemica-edges-{STEPS}steps.json"
+    assert len(EdgeMeasurements.load(checkpoint).errors) == 5
 
     assert run_cli(argv) == 2  # an existing checkpoint is never overwritten silently
     assert "--resume" in capsys.readouterr().err
 
-    assert run_cli(argv + ["--resume", "--budgets", "2,3", "--max-skip", "3"]) == 0  # extends the measurements
+    assert run_cli(argv + ["--resume", "--budgets", "2,3", "--max-skip", "2"]) == 0  # extends the measurements
+    assert len(EdgeMeasurements.load(checkpoint).errors) == 9
     assert LeMiCaPlan.from_json(out / plan_filename(STEPS, 2)).budget == 2
 
 
