@@ -12,6 +12,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "info": ("vidaccel.commands.info", "versions, device, kernel backend and presets"),
     "generate": ("vidaccel.commands.generate", "generate a video, dense vs accelerated, with speed and quality"),
     "bench": ("vidaccel.commands.bench", "benchmark presets against dense: time, memory, quality"),
+    "plan": ("vidaccel.commands.plan", "measure LeMiCa segment errors and write one step plan per budget"),
 }
 
 
