@@ -65,6 +65,7 @@ class TextEncoderQuant(MethodConfig):
     keep_originals_on_cpu: bool = True
     sinq_iterations: int = SINQ_ITERATIONS
     fp8_scaled_mm: bool = True
+    prompt_cache: bool = True  # as a vidaccel method: encode each distinct prompt once per pipeline
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -83,11 +84,16 @@ class TextEncoderQuant(MethodConfig):
         if not all(isinstance(p, str) and p for p in patterns):
             raise ValueError(f"skip_modules must hold non-empty strings, got {patterns!r}")
         object.__setattr__(self, "skip_modules", patterns)
-        for flag in ("hadamard", "quantize_t5_wo", "keep_originals_on_cpu", "fp8_scaled_mm"):
+        for flag in ("hadamard", "quantize_t5_wo", "keep_originals_on_cpu", "fp8_scaled_mm", "prompt_cache"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
         if not (isinstance(self.sinq_iterations, int) and 0 <= self.sinq_iterations <= 256):
             raise ValueError(f"sinq_iterations must be an int in [0, 256], got {self.sinq_iterations!r}")
+
+    def build(self):
+        from .method import TextEncoderQuantMethod
+
+        return TextEncoderQuantMethod(self)
 
     @property
     def skip_patterns(self) -> tuple[str, ...]:
