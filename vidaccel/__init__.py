@@ -12,11 +12,11 @@ from .attention.radial_method import RadialAttention
 from .caching import DBCache, LeMiCa
 from .errors import AlreadyAcceleratedError, UnsupportedPipelineError
 from .presets import Preset, list_presets
+from .text_encoder import TextEncoderQuant
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AccelHandle", "AlreadyAcceleratedError", "DBCache", "DenseAttention", "LeMiCa", "Preset", "RadialAttention",
-    "active_handle", "UnsupportedPipelineError", "apply",
-    "list_presets", "__version__",
+    "TextEncoderQuant", "UnsupportedPipelineError", "active_handle", "apply", "list_presets", "__version__",
 ]

@@ -1,0 +1,51 @@
+"""`TextEncoderQuant` as a vidaccel method: quantize the pipeline's text encoder(s) and cache prompt embeddings;
+`uninstall` puts the original layers back bit for bit and drops the cache."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..hooks import HookAttachment
+from ..method import AccelMethod
+from .prompt_cache import PROMPT_CACHE_HOOK, PromptCacheHook
+from .quantize import QuantizationResult, TextEncoderQuant, quantize_text_encoder
+
+
+class TextEncoderQuantMethod(AccelMethod):
+    def __init__(self, config: TextEncoderQuant):
+        self.config = config
+        self.results: dict[str, QuantizationResult] = {}
+        self.caches: dict[str, PromptCacheHook] = {}
+        self._attachments: list[HookAttachment] = []
+
+    def install(self, adapter) -> None:
+        for name, encoder in adapter.text_encoders().items():
+            self.results[name] = quantize_text_encoder(encoder, self.config)
+            if self.config.prompt_cache:
+                hook = PromptCacheHook()
+                self._attachments.append(HookAttachment(encoder, hook, PROMPT_CACHE_HOOK))
+                self.caches[name] = hook
+
+    def uninstall(self) -> None:
+        while self._attachments:
+            self._attachments.pop().detach()
+        for cache in self.caches.values():
+            cache.clear()  # invalidated: embeddings of the quantized encoder must not outlive it
+        errors = []
+        for result in reversed(list(self.results.values())):
+            try:
+                result.restore()
+            except RuntimeError as error:
+                errors.append(error)
+        if errors:
+            raise errors[0]
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, result in self.results.items():
+            out[name] = {"format": self.config.method, "quantized_linear_layers": len(result.quantized_modules),
+                         "skipped_linear_layers": len(result.skipped), "bytes_before": result.bytes_before,
+                         "bytes_after": result.bytes_after}
+        for name, cache in self.caches.items():
+            out.setdefault(name, {}).update(prompt_cache_hits=cache.hits, prompt_cache_misses=cache.misses)
+        return out
