@@ -5,11 +5,13 @@ Entry point: ``quantize_text_encoder(encoder, TextEncoderQuant(method="int8"))``
 
 from .eval import TokenFidelity, hf_encode_fn, load_default_prompts, measure_fidelity
 from .quantize import QuantizationResult, TextEncoderQuant, quantize_text_encoder
+from .quantized_embedding import QuantizedEmbedding
 from .quantized_linear import METHODS, QuantizedLinear
 
 __all__ = [
     "METHODS",
     "QuantizationResult",
+    "QuantizedEmbedding",
     "QuantizedLinear",
     "TextEncoderQuant",
     "TokenFidelity",

@@ -2,8 +2,10 @@
 
 ``quantize_text_encoder(encoder, TextEncoderQuant(method="int8"))`` swaps every eligible ``nn.Linear`` for a
 :class:`QuantizedLinear` and returns a :class:`QuantizationResult` whose ``restore()`` puts the very same
-``nn.Linear`` objects back, bit for bit. Embeddings, norms and T5's relative-position biases are not linear
-layers and stay as they are; ``skip_modules`` patterns keep chosen linear layers in full precision too.
+``nn.Linear`` objects back, bit for bit. Norms and T5's relative-position biases are not linear layers and stay
+as they are; ``skip_modules`` patterns keep chosen linear layers in full precision too. Token embeddings stay as
+they are unless ``quantize_embeddings`` is on: then every eligible ``nn.Embedding`` becomes a
+:class:`QuantizedEmbedding` (int8 or int4 rows), restored the same way.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch import nn
 from ..method import MethodConfig
 from .formats import INT4_GROUP_SIZES
 from .hadamard import is_power_of_two
+from .quantized_embedding import QuantizedEmbedding, conversion_error
 from .quantized_linear import METHODS, QuantizedLinear
 from .sinq import SINQ_ITERATIONS
 
@@ -31,6 +34,9 @@ DEFAULT_SKIP_MODULES: tuple[str, ...] = (
     "lm_head",
     "*.lm_head",
 )
+# The default patterns that keep token embeddings out of the linear pass. With ``quantize_embeddings`` on, the
+# embeddings are asked for explicitly, so these two do not apply to ``nn.Embedding`` modules (other patterns do).
+LINEAR_ONLY_PATTERNS: tuple[str, ...] = ("*embed*", "*shared*")
 # T5/UMT5 feed-forward output projection (transformers keeps it in fp32 for fp16 runs).
 T5_WO_PATTERN = "*DenseReluDense.wo"
 HADAMARD_BLOCK_RANGE = (2, 4096)
@@ -50,6 +56,10 @@ class TextEncoderQuant(MethodConfig):
     keep_originals_on_cpu: keep the original layers (on CPU) so that ``restore()`` can put them back; False
         drops them, which is the only way to save host memory when the encoder itself lives on the CPU.
     sinq_iterations: Sinkhorn rounds for int4-sinq.
+    quantize_embeddings: also store every ``nn.Embedding`` table in low precision (``embedding_method``: int8
+        rows for int8/fp8, int4 rows in groups of ``group_size`` for the 4-bit methods). Needed to bring big
+        encoders down to their memory targets: UMT5-XXL's token table alone is 2.1 GB of its 11.4 GB in bf16.
+        ``skip_modules`` patterns apply to embeddings too, except the defaults ``*embed*`` and ``*shared*``.
     fp8_scaled_mm: let fp8 layers use ``torch._scaled_mm`` (activations quantized per token) where supported.
     """
 
@@ -66,6 +76,7 @@ class TextEncoderQuant(MethodConfig):
     sinq_iterations: int = SINQ_ITERATIONS
     fp8_scaled_mm: bool = True
     prompt_cache: bool = True  # as a vidaccel method: encode each distinct prompt once per pipeline
+    quantize_embeddings: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -84,7 +95,10 @@ class TextEncoderQuant(MethodConfig):
         if not all(isinstance(p, str) and p for p in patterns):
             raise ValueError(f"skip_modules must hold non-empty strings, got {patterns!r}")
         object.__setattr__(self, "skip_modules", patterns)
-        for flag in ("hadamard", "quantize_t5_wo", "keep_originals_on_cpu", "fp8_scaled_mm", "prompt_cache"):
+        for flag in (
+            "hadamard", "quantize_t5_wo", "keep_originals_on_cpu", "fp8_scaled_mm", "prompt_cache",
+            "quantize_embeddings",
+        ):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
         if not (isinstance(self.sinq_iterations, int) and 0 <= self.sinq_iterations <= 256):
@@ -106,6 +120,17 @@ class TextEncoderQuant(MethodConfig):
                 return f"name matches skip pattern {pattern!r}"
         return None
 
+    @property
+    def embedding_method(self) -> str:
+        """The embedding table format that goes with ``method``: int8 for the 8-bit methods, else int4."""
+        return "int8" if self.method in ("int8", "fp8") else "int4"
+
+    def embedding_skip_reason(self, module_name: str) -> str | None:
+        for pattern in self.skip_patterns:
+            if pattern not in LINEAR_ONLY_PATTERNS and fnmatch.fnmatchcase(module_name, pattern):
+                return f"name matches skip pattern {pattern!r}"
+        return None
+
 
 def module_bytes(module: nn.Module) -> int:
     """Bytes of all distinct parameters and buffers of ``module``."""
@@ -122,12 +147,16 @@ def module_bytes(module: nn.Module) -> int:
 class _Swap:
     parent: nn.Module
     child_name: str
-    quantized: QuantizedLinear
-    original: nn.Linear | None  # None once dropped (keep_originals_on_cpu=False)
+    quantized: QuantizedLinear | QuantizedEmbedding
+    original: nn.Linear | nn.Embedding | None  # None once dropped (keep_originals_on_cpu=False)
 
 
 class QuantizationResult:
-    """What :func:`quantize_text_encoder` did, and the way back."""
+    """What :func:`quantize_text_encoder` did, and the way back.
+
+    ``quantized_modules`` / ``skipped`` list the linear layers, ``quantized_embeddings`` / ``skipped_embeddings``
+    the embedding tables (both empty unless ``quantize_embeddings`` is on).
+    """
 
     def __init__(
         self,
@@ -137,11 +166,15 @@ class QuantizationResult:
         skipped: dict[str, str],
         bytes_before: int,
         bytes_after: int,
+        quantized_embeddings: list[str] | None = None,
+        skipped_embeddings: dict[str, str] | None = None,
     ) -> None:
         self.config = config
         self._swaps = swaps
         self.quantized_modules = quantized_modules
         self.skipped = skipped
+        self.quantized_embeddings = quantized_embeddings or []
+        self.skipped_embeddings = skipped_embeddings or {}
         self.bytes_before = bytes_before
         self.bytes_after = bytes_after
         self.restored = False
@@ -151,7 +184,8 @@ class QuantizationResult:
         return self.config.keep_originals_on_cpu
 
     def restore(self) -> None:
-        """Put the original ``nn.Linear`` objects back (bit-exact, on the device the encoder is on now).
+        """Put the original ``nn.Linear`` (and ``nn.Embedding``) objects back, bit-exact, on the device the
+        encoder is on now.
 
         Safe to call twice. Raises if the originals were dropped or a swapped slot was changed by someone else.
         """
@@ -160,14 +194,14 @@ class QuantizationResult:
         if not self.can_restore:
             raise RuntimeError(
                 "cannot restore the text encoder: it was quantized with keep_originals_on_cpu=False, so the "
-                "original Linear layers were dropped; reload the encoder from its checkpoint instead"
+                "original layers were dropped; reload the encoder from its checkpoint instead"
             )
         for swap in self._swaps:
             current = swap.parent._modules.get(swap.child_name)
             if current is not swap.quantized:
                 raise RuntimeError(
                     f"cannot restore {swap.child_name!r} of {type(swap.parent).__name__}: the slot no longer holds "
-                    f"the QuantizedLinear installed there (found {type(current).__name__})"
+                    f"the {type(swap.quantized).__name__} installed there (found {type(current).__name__})"
                 )
         for swap in self._swaps:
             assert swap.original is not None
@@ -182,6 +216,8 @@ class QuantizationResult:
             "config": self.config.to_dict(),
             "quantized_modules": len(self.quantized_modules),
             "skipped": dict(self.skipped),
+            "quantized_embeddings": len(self.quantized_embeddings),
+            "skipped_embeddings": dict(self.skipped_embeddings),
             "bytes_before": self.bytes_before,
             "bytes_after": self.bytes_after,
         }
@@ -212,7 +248,8 @@ def quantize_text_encoder(module: nn.Module, config: TextEncoderQuant) -> Quanti
     A linear layer is skipped (and the reason recorded in ``result.skipped``) when its name matches a skip
     pattern, when its input size does not fit the format's block or group size (or the Hadamard block), or when
     it is not a plain ``nn.Linear`` that can be swapped safely. A layer shared under several names is quantized
-    once and swapped everywhere.
+    once and swapped everywhere. With ``config.quantize_embeddings``, ``nn.Embedding`` children become
+    :class:`QuantizedEmbedding` by the same rules (see :func:`_swap_embeddings`).
     """
     if not isinstance(config, TextEncoderQuant):
         raise TypeError(f"config must be a TextEncoderQuant, got {type(config).__name__}")
@@ -269,6 +306,62 @@ def quantize_text_encoder(module: nn.Module, config: TextEncoderQuant) -> Quanti
     for key, child in shared.items():
         if key not in still_used:
             child.to("cpu")
+    quantized_embeddings: list[str] = []
+    skipped_embeddings: dict[str, str] = {}
+    if config.quantize_embeddings:
+        quantized_embeddings, skipped_embeddings = _swap_embeddings(module, config, swaps)
     return QuantizationResult(
-        config, swaps, quantized_modules, skipped, bytes_before, module_bytes(module)
+        config, swaps, quantized_modules, skipped, bytes_before, module_bytes(module),
+        quantized_embeddings, skipped_embeddings,
     )
+
+
+def _embedding_ineligible_reason(child: nn.Embedding, config: TextEncoderQuant) -> str | None:
+    if type(child) is not nn.Embedding:
+        return f"{type(child).__name__} is a subclass of nn.Embedding whose forward may differ"
+    if child.weight.device.type == "meta":
+        return "weight is on the meta device (not loaded)"
+    if hasattr(child, "_hf_hook"):
+        return "has an accelerate hook (offloaded); quantize before enabling offload"
+    return conversion_error(child, config.embedding_method, config.group_size)
+
+
+def _swap_embeddings(
+    module: nn.Module, config: TextEncoderQuant, swaps: list[_Swap]
+) -> tuple[list[str], dict[str, str]]:
+    """Swap eligible ``nn.Embedding`` children for :class:`QuantizedEmbedding` (appending to ``swaps``).
+
+    Tables are keyed by their weight tensor, not their module: T5/UMT5 tie ``shared`` and
+    ``encoder.embed_tokens`` as two modules holding one Parameter, which is packed once and installed in both
+    slots. The originals move to the CPU only once no remaining module uses their weight, so a tied table that
+    is skipped under one name stays where it is.
+    """
+    built: dict[int, QuantizedEmbedding] = {}
+    quantized: list[str] = []
+    skipped: dict[str, str] = {}
+    originals: list[nn.Embedding] = []
+    slots = [
+        (parent_name, parent, child_name, child)
+        for parent_name, parent in module.named_modules(remove_duplicate=False)
+        for child_name, child in list(parent._modules.items())
+        if isinstance(child, nn.Embedding)
+    ]
+    for parent_name, parent, child_name, child in slots:
+        full_name = f"{parent_name}.{child_name}" if parent_name else child_name
+        reason = config.embedding_skip_reason(full_name) or _embedding_ineligible_reason(child, config)
+        if reason is not None:
+            skipped[full_name] = reason
+            continue
+        key = id(child.weight)
+        if key not in built:
+            built[key] = QuantizedEmbedding.from_embedding(child, config.embedding_method, config.group_size)
+        parent._modules[child_name] = built[key]
+        swaps.append(_Swap(parent, child_name, built[key], child if config.keep_originals_on_cpu else None))
+        quantized.append(full_name)
+        if config.keep_originals_on_cpu:
+            originals.append(child)
+    still_used = {id(p) for p in module.parameters()}
+    for child in originals:
+        if id(child.weight) not in still_used:
+            child.to("cpu")
+    return quantized, skipped

@@ -1,0 +1,214 @@
+"""QuantizedEmbedding: exact row lookup, storage, nn.Embedding semantics; quantize_embeddings on a tiny UMT5."""
+
+import gc
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+from vidaccel.text_encoder import formats
+from vidaccel.text_encoder.quantize import (
+    DEFAULT_SKIP_MODULES,
+    TextEncoderQuant,
+    module_bytes,
+    quantize_text_encoder,
+)
+from vidaccel.text_encoder.quantized_embedding import QuantizedEmbedding, conversion_error
+from vidaccel.text_encoder.quantized_linear import METHODS
+
+transformers = pytest.importorskip("transformers")
+
+FORMATS = [("int8", 64), ("int4", 32), ("int4", 64)]
+
+
+def _table(num=300, dim=128, padding_idx=None, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    embedding = nn.Embedding(num, dim, padding_idx=padding_idx)
+    with torch.no_grad():
+        embedding.weight.mul_(torch.linspace(0.01, 3.0, num)[:, None])  # rows of very different magnitudes
+    return embedding.to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------- the module
+
+
+@pytest.mark.parametrize("fmt,group", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lookup_is_bit_exact_against_the_dequantized_table(fmt, group, dtype):
+    embedding = _table(dtype=dtype)
+    q = QuantizedEmbedding.from_embedding(embedding, fmt, group)
+    ids = torch.tensor([[0, 5, 5, 299, 17, 1, 120], [3, 2, 1, 0, 298, 64, 65]])
+    out = q(ids)
+    assert out.shape == (2, 7, 128) and out.dtype == dtype
+    assert torch.equal(out, q.dequantized_weight()[ids])
+    assert torch.equal(q(ids.to(torch.int32)), out)
+    assert q(torch.zeros(0, dtype=torch.long)).shape == (0, 128)
+
+
+@pytest.mark.parametrize("fmt,group", FORMATS)
+def test_rows_are_within_half_a_quantization_step(fmt, group):
+    embedding = _table()
+    w = embedding.weight.detach()
+    q = QuantizedEmbedding.from_embedding(embedding, fmt, group)
+    err = (q.dequantized_weight(torch.float32) - w).abs()
+    if fmt == "int8":  # symmetric, one scale per row (the lookup is per token, so is the scale): half a step
+        bound = q.scale[:, None] / 2
+    else:  # asymmetric: the rounded zero point adds up to another half step
+        bound = q.scale.to(torch.float32).repeat_interleave(group, dim=1)
+    assert (err <= bound * (1 + 1e-5) + 1e-7).all()
+    assert err.max() > 0  # really quantized
+
+
+@pytest.mark.parametrize("fmt,group", FORMATS)
+def test_packed_bytes_and_storage_dtypes(fmt, group):
+    embedding = _table(num=256, dim=128)
+    q = QuantizedEmbedding.from_embedding(embedding, fmt, group)
+    expected = formats.packed_nbytes(fmt, 256, 128, group)
+    assert expected == (256 * 128 + 4 * 256 if fmt == "int8" else 256 * 64 + 2 * 2 * 256 * 128 // group)
+    assert q.parameter_bytes() == expected == module_bytes(q)
+    assert list(q.parameters()) == []
+    storage = {name: t.dtype for name, t in q.packed.tensors.items()}
+    assert storage["qweight"] == (torch.int8 if fmt == "int8" else torch.uint8)
+    q = q.to(torch.float16)  # the compute dtype follows, the codes and scales keep theirs
+    assert {name: t.dtype for name, t in q.packed.tensors.items()} == storage
+    assert q(torch.tensor([1, 2])).dtype == torch.float16
+    assert q.weight.dtype == torch.float16 and q.weight.shape == (256, 128) and q.weight.device.type == "meta"
+
+
+def test_padding_row_stays_exactly_zero():
+    for fmt in ("int8", "int4"):
+        q = QuantizedEmbedding.from_embedding(_table(padding_idx=7), fmt)
+        assert q.padding_idx == 7
+        assert torch.count_nonzero(q(torch.tensor([7, 7]))) == 0
+        assert "padding_idx=7" in repr(q)
+
+
+def test_invalid_inputs_and_tables_are_refused():
+    q = QuantizedEmbedding.from_embedding(_table(), "int8")
+    with pytest.raises(IndexError, match="out of range"):
+        q(torch.tensor([300]))
+    with pytest.raises(IndexError, match="out of range"):
+        q(torch.tensor([-1]))
+    with pytest.raises(TypeError, match="int32 or int64"):
+        q(torch.tensor([1.0]))
+    assert "max_norm" in conversion_error(nn.Embedding(10, 64, max_norm=1.0), "int8")
+    assert "multiple" in conversion_error(nn.Embedding(10, 96), "int4", 64)
+    assert conversion_error(nn.Embedding(10, 96), "int8") is None
+    with pytest.raises(ValueError, match="multiple"):
+        QuantizedEmbedding.from_embedding(nn.Embedding(10, 96), "int4", 64)
+    with pytest.raises(ValueError, match="unknown embedding format"):
+        QuantizedEmbedding.from_embedding(nn.Embedding(10, 64), "fp8")
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def test_config_field_and_embedding_method():
+    assert TextEncoderQuant().quantize_embeddings is False
+    expected = {"int8": "int8", "fp8": "int8"}
+    for method in METHODS:
+        assert TextEncoderQuant(method=method).embedding_method == expected.get(method, "int4")
+    with pytest.raises(TypeError, match="quantize_embeddings"):
+        TextEncoderQuant(quantize_embeddings=1)
+    cfg = TextEncoderQuant(quantize_embeddings=True)
+    assert cfg.skip_reason("shared") is not None  # the linear pass still ignores embedding names
+    assert cfg.embedding_skip_reason("shared") is None
+    assert cfg.embedding_skip_reason("encoder.block.0.layer.0.SelfAttention.relative_attention_bias")
+
+
+# ---------------------------------------------------------------------------------------------- tiny UMT5
+
+
+def _tiny_umt5(seed=0, vocab=512):
+    config = transformers.UMT5Config(
+        vocab_size=vocab, d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=16, feed_forward_proj="gated-gelu", dropout_rate=0.0,
+    )
+    torch.manual_seed(seed)
+    return transformers.UMT5EncoderModel(config).eval()
+
+
+def _cosine(a, b):
+    return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).mean().item()
+
+
+@pytest.mark.parametrize("method,min_cosine", [("int8", 0.999), ("int4-sinq", 0.97), ("nvfp4", 0.95)])
+def test_umt5_tied_embedding_is_quantized_once_and_restored_bit_exact(method, min_cosine):
+    model = _tiny_umt5()
+    shared, embed_tokens = model.shared, model.encoder.embed_tokens
+    assert shared is not embed_tokens and shared.weight is embed_tokens.weight  # transformers' tie
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        ref = model(input_ids=ids).last_hidden_state
+    plain = quantize_text_encoder(model, TextEncoderQuant(method=method, group_size=32))
+    plain_bytes = plain.bytes_after
+    plain.restore()
+
+    result = quantize_text_encoder(model, TextEncoderQuant(method=method, group_size=32, quantize_embeddings=True))
+    assert sorted(result.quantized_embeddings) == ["encoder.embed_tokens", "shared"]
+    assert model.shared is model.encoder.embed_tokens and isinstance(model.shared, QuantizedEmbedding)
+    assert model.shared.format == TextEncoderQuant(method=method).embedding_method
+    assert sorted(result.skipped_embeddings) == [
+        f"encoder.block.{i}.layer.0.SelfAttention.relative_attention_bias" for i in range(2)
+    ]
+    # The table is counted once: what it saves is exactly 512 x 128 fp32 values minus the packed table.
+    assert plain_bytes - result.bytes_after == 512 * 128 * 4 - model.shared.parameter_bytes()
+    assert result.summary()["quantized_embeddings"] == 2
+    with torch.no_grad():
+        out = model(input_ids=ids).last_hidden_state
+    assert _cosine(out, ref) > min_cosine
+
+    result.restore()
+    assert model.shared is shared and model.encoder.embed_tokens is embed_tokens
+    assert model.shared.weight is model.encoder.embed_tokens.weight  # still tied
+    assert all(torch.equal(v, state[k]) and v.dtype == state[k].dtype for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).last_hidden_state, ref)
+
+
+def test_bf16_umt5_with_quantized_embedding_stays_bf16_and_close():
+    model = _tiny_umt5().to(torch.bfloat16)
+    ids = torch.randint(0, 512, (1, 20))
+    with torch.no_grad():
+        ref = model(input_ids=ids).last_hidden_state
+        result = quantize_text_encoder(model, TextEncoderQuant(method="int8", quantize_embeddings=True))
+        out = model(input_ids=ids).last_hidden_state
+    assert out.dtype == torch.bfloat16 and _cosine(out, ref) > 0.995
+    result.restore()
+
+
+def test_dropping_originals_frees_the_tied_table():
+    model = _tiny_umt5()
+    table = weakref.ref(model.shared.weight)
+    result = quantize_text_encoder(
+        model, TextEncoderQuant(method="int4", quantize_embeddings=True, keep_originals_on_cpu=False)
+    )
+    gc.collect()
+    assert table() is None  # nothing (slots, swaps, transformers' tie bookkeeping) keeps the bf16/fp32 table
+    assert not result.can_restore
+
+
+def test_tied_table_skipped_under_one_name_stays_in_use_there():
+    model = _tiny_umt5()
+    weight = model.shared.weight
+    ids = torch.randint(0, 512, (1, 10))
+    skip = (*DEFAULT_SKIP_MODULES, "encoder.embed_tokens")
+    result = quantize_text_encoder(model, TextEncoderQuant(method="int8", quantize_embeddings=True, skip_modules=skip))
+    assert result.quantized_embeddings == ["shared"]
+    assert "skip pattern" in result.skipped_embeddings["encoder.embed_tokens"]
+    assert type(model.encoder.embed_tokens) is nn.Embedding and model.encoder.embed_tokens.weight is weight
+    with torch.no_grad():  # the encoder reads the full-precision table, the quantized one serves ``shared``
+        assert torch.equal(model.encoder.embed_tokens(ids), weight[ids])
+        assert not torch.equal(model.shared(ids), weight[ids])
+        model(input_ids=ids)
+    result.restore()
+    assert model.shared.weight is weight
+
+
+def test_embeddings_are_left_alone_by_default():
+    model = _tiny_umt5()
+    result = quantize_text_encoder(model, TextEncoderQuant(method="int4"))
+    assert result.quantized_embeddings == [] and result.skipped_embeddings == {}
+    assert type(model.shared) is nn.Embedding
