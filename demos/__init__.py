@@ -1,0 +1,1 @@
+"""vidaccel's demos. `demos.app` is the Gradio app that `vidaccel demo` starts."""
