@@ -113,14 +113,16 @@ class VideoLimits:
             if value < self.spatial_multiple or value % self.spatial_multiple:
                 raise DemoInputError(f"{name} {value} must be a positive multiple of {self.spatial_multiple} ({why})")
             if value > largest:
-                raise DemoInputError(f"{name} {value} is larger than this demo allows for this model (at most {largest})")
+                raise DemoInputError(
+                    f"{name} {value} is larger than this demo allows for this model (at most {largest})")
         if frames < 1 or (frames - 1) % self.frame_step:
             raise DemoInputError(
                 f"{frames} frames: the frame count must be {self.frame_step}k + 1 (1, {1 + self.frame_step}, "
                 f"{1 + 2 * self.frame_step}, ...) because the VAE compresses time by {self.frame_step} after the "
                 "first frame")
         if frames > self.max_frames:
-            raise DemoInputError(f"{frames} frames are too many for this model in this demo (at most {self.max_frames})")
+            raise DemoInputError(
+                f"{frames} frames are too many for this model in this demo (at most {self.max_frames})")
         tokens = self.video_tokens(height, width, frames)
         if tokens > self.max_video_tokens:
             raise DemoInputError(
@@ -274,12 +276,14 @@ class PresetEditor:
         if choice == NONE:
             return None
         if choice not in self.catalog["attention"]:
-            raise DemoInputError(f"unknown attention method {choice!r}; choose one of {', '.join(self.attention_choices())}")
+            raise DemoInputError(
+                f"unknown attention method {choice!r}; choose one of {', '.join(self.attention_choices())}")
         config = base if base is not None and base.name == choice else self.catalog["attention"][choice]
-        if isinstance(config, RadialAttention) and not (config is base and settings.radial_knobs() == shown.radial_knobs()):
+        untouched = config is base and settings.radial_knobs() == shown.radial_knobs()
+        if isinstance(config, RadialAttention) and not untouched:
             warmup, layers, decay = settings.radial_knobs()
-            config = dataclasses.replace(config, dense_warmup=float(warmup), dense_layers=_whole(layers, "dense layers"),
-                                         decay=float(decay))
+            config = dataclasses.replace(config, dense_warmup=float(warmup),
+                                         dense_layers=_whole(layers, "dense layers"), decay=float(decay))
         return config
 
     def _cache(self, base: Optional[MethodConfig], settings: AccelSettings, shown: AccelSettings):
@@ -289,8 +293,10 @@ class PresetEditor:
         if choice == "lemica":
             if settings.lemica_plan:
                 if settings.lemica_plan not in self.plans:
-                    raise DemoInputError(f"unknown LeMiCa plan {settings.lemica_plan!r}; choose one of the listed plans")
-                return LeMiCa(plan=str(self.plans[settings.lemica_plan]), allow_rescale=bool(settings.lemica_allow_rescale))
+                    raise DemoInputError(
+                        f"unknown LeMiCa plan {settings.lemica_plan!r}; choose one of the listed plans")
+                return LeMiCa(plan=str(self.plans[settings.lemica_plan]),
+                              allow_rescale=bool(settings.lemica_allow_rescale))
             if isinstance(base, LeMiCa):  # the preset's own step list, or its plan from outside the plan folder
                 return base
             raise DemoInputError("choose a LeMiCa plan file (plans are made with `vidaccel plan`)")
@@ -309,7 +315,8 @@ class PresetEditor:
         if choice == NONE:
             return None
         if choice not in self.text_encoder_choices():
-            raise DemoInputError(f"unknown text-encoder format {choice!r}; choose one of {', '.join(self.text_encoder_choices())}")
+            raise DemoInputError(
+                f"unknown text-encoder format {choice!r}; choose one of {', '.join(self.text_encoder_choices())}")
         if isinstance(base, TextEncoderQuant):
             return base if base.method == choice else dataclasses.replace(base, method=choice)
         return TextEncoderQuant(method=choice)
@@ -467,7 +474,7 @@ class VidaccelDemo:
             preset = self.editor.preset_from(resolve_preset(preset_name), accel)
             result = self.compare(settings, preset, progress)
         except (DemoInputError, ValueError, TypeError) as error:  # settings, configs, plan files, plan mismatches
-            raise gr.Error(str(error), title="Cannot run these settings", print_exception=False) from None
+            raise gr.Error(str(error), print_exception=False) from None
         except Exception as error:
             log.exception("generation failed")
             raise gr.Error(f"generation failed: {type(error).__name__}: {error} (details in the server log)",
@@ -596,7 +603,8 @@ def transformer_work(stats: dict[str, Any]) -> tuple[int, int]:
 
 def describe_preset(preset: Preset) -> str:
     parts = []
-    for role, config in (("attention", preset.attention), ("cache", preset.cache), ("text encoder", preset.text_encoder)):
+    roles = (("attention", preset.attention), ("cache", preset.cache), ("text encoder", preset.text_encoder))
+    for role, config in roles:
         if config is None:
             parts.append(f"{role}: stock")
             continue
@@ -708,12 +716,12 @@ def build_ui(demo: VidaccelDemo) -> gr.Blocks:
                                          label="Guidance")
                 with gr.Row():
                     height = gr.Slider(limits.spatial_multiple, limits.max_height, value=defaults["height"],
-                                       step=limits.spatial_multiple, label="Height")
+                                       step=limits.spatial_multiple, label="Height", elem_id="height")
                     width = gr.Slider(limits.spatial_multiple, limits.max_width, value=defaults["width"],
-                                      step=limits.spatial_multiple, label="Width")
+                                      step=limits.spatial_multiple, label="Width", elem_id="width")
                     frames = gr.Slider(1, limits.max_frames, value=defaults["num_frames"], step=limits.frame_step,
-                                       label="Frames")
-                seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
+                                       label="Frames", elem_id="frames")
+                seed = gr.Number(value=0, precision=0, minimum=0, label="Seed", elem_id="seed")
                 gr.Markdown(f"Sizes are multiples of {limits.spatial_multiple}, frame counts {limits.frame_step}k + 1, "
                             f"at most {limits.max_video_tokens:,} video tokens.", elem_classes="hint")
                 with gr.Accordion("Advanced: methods", open=False):
@@ -740,36 +748,37 @@ def build_ui(demo: VidaccelDemo) -> gr.Blocks:
 
 
 def _method_controls(demo: VidaccelDemo, initial: AccelSettings) -> dict[str, gr.components.Component]:
+    """One control per AccelSettings field, each with the field's name (dashed) as its element id."""
     editor, controls = demo.editor, {}
-    gr.Markdown("**Attention** — stock, vidaccel's dense processors, or Radial sparse attention")
-    controls["attention"] = gr.Radio(editor.attention_choices(), value=initial.attention, label="Attention method")
+
+    def add(name: str, component: Callable[..., gr.components.Component], *args, **kwargs) -> None:
+        controls[name] = component(*args, value=getattr(initial, name), elem_id=name.replace("_", "-"), **kwargs)
+
+    gr.Markdown("**Attention**: stock, vidaccel's dense processors, or Radial sparse attention")
+    add("attention", gr.Radio, editor.attention_choices(), label="Attention method")
     with gr.Row(visible=initial.attention == "radial") as radial_row:
-        controls["radial_dense_warmup"] = gr.Slider(0.0, 0.95, value=initial.radial_dense_warmup, step=0.05,
-                                                    label="Dense warm-up (fraction of steps)")
-        controls["radial_dense_layers"] = gr.Slider(0, demo.blocks, value=initial.radial_dense_layers, step=1,
-                                                    label="Dense layers (first N)")
-        controls["radial_decay"] = gr.Slider(0.05, 1.0, value=initial.radial_decay, step=0.05, label="Decay")
-    gr.Markdown("**Step cache** — DBCache decides per step from a probe; LeMiCa follows a plan made offline")
-    controls["cache"] = gr.Radio(editor.cache_choices(), value=initial.cache, label="Cache method")
+        add("radial_dense_warmup", gr.Slider, 0.0, 0.95, step=0.05, label="Dense warm-up (fraction of steps)")
+        add("radial_dense_layers", gr.Slider, 0, demo.blocks, step=1, label="Dense layers (first N)")
+        add("radial_decay", gr.Slider, 0.05, 1.0, step=0.05, label="Decay")
+    gr.Markdown("**Step cache**: DBCache decides per step from a probe; LeMiCa follows a plan made offline")
+    add("cache", gr.Radio, editor.cache_choices(), label="Cache method")
     with gr.Row(visible=initial.cache == "dbcache") as dbcache_row:
-        controls["dbcache_fn"] = gr.Slider(0, demo.blocks, value=initial.dbcache_fn, step=1, label="Fn (0 = auto)")
-        controls["dbcache_bn"] = gr.Slider(0, demo.blocks, value=initial.dbcache_bn, step=1, label="Bn")
-        controls["dbcache_threshold"] = gr.Slider(0.0, 1.0, value=initial.dbcache_threshold, step=0.01,
-                                                  label="Threshold")
-        controls["dbcache_warmup"] = gr.Slider(0, demo.max_steps, value=initial.dbcache_warmup, step=1,
-                                               label="Warm-up steps")
+        add("dbcache_fn", gr.Slider, 0, demo.blocks, step=1, label="Fn (0 = auto)")
+        add("dbcache_bn", gr.Slider, 0, demo.blocks, step=1, label="Bn")
+        add("dbcache_threshold", gr.Slider, 0.0, 1.0, step=0.01, label="Threshold")
+        add("dbcache_warmup", gr.Slider, 0, demo.max_steps, step=1, label="Warm-up steps")
     with gr.Row(visible=initial.cache == "lemica") as lemica_row:
-        controls["lemica_plan"] = gr.Dropdown([("(none)", ""), *((label, label) for label in demo.plans)],
-                                              value=initial.lemica_plan, label="LeMiCa plan (assets/)")
-        controls["lemica_allow_rescale"] = gr.Checkbox(value=initial.lemica_allow_rescale,
-                                                       label="Stretch the plan to this step count")
-    gr.Markdown("**Text encoder** — low-precision weights (saves memory; it runs once per prompt)")
-    controls["text_encoder"] = gr.Dropdown(editor.text_encoder_choices(), value=initial.text_encoder,
-                                           label="Text-encoder format")
+        add("lemica_plan", gr.Dropdown, [("(none)", ""), *((label, label) for label in demo.plans)],
+            label="LeMiCa plan (assets/)")
+        add("lemica_allow_rescale", gr.Checkbox, label="Stretch the plan to this step count")
+    gr.Markdown("**Text encoder**: low-precision weights (saves memory; it runs once per prompt)")
+    add("text_encoder", gr.Dropdown, editor.text_encoder_choices(), label="Text-encoder format")
+
     controls["attention"].change(lambda choice: gr.update(visible=choice == "radial"), controls["attention"],
                                  radial_row, queue=False)
-    controls["cache"].change(lambda choice: (gr.update(visible=choice == "dbcache"), gr.update(visible=choice == "lemica")),
-                             controls["cache"], [dbcache_row, lemica_row], queue=False)
+    controls["cache"].change(
+        lambda choice: (gr.update(visible=choice == "dbcache"), gr.update(visible=choice == "lemica")),
+        controls["cache"], [dbcache_row, lemica_row], queue=False)
     return controls
 
 
@@ -795,8 +804,9 @@ def serve(args: argparse.Namespace) -> int:
     # Gradio copies served files into its cache folder: keep that inside ours, so the server serves nothing else.
     os.environ["GRADIO_TEMP_DIR"] = str(work_dir / "gradio")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    demo = VidaccelDemo(loaded, work_dir / "videos", plans_dir=Path(args.plans_dir) if args.plans_dir else REPOSITORY_ASSETS,
-                        max_video_tokens=args.max_video_tokens, steps=args.steps)
+    plans_dir = Path(args.plans_dir) if args.plans_dir else REPOSITORY_ASSETS
+    demo = VidaccelDemo(loaded, work_dir / "videos", plans_dir=plans_dir, max_video_tokens=args.max_video_tokens,
+                        steps=args.steps)
     page = build_ui(demo)
     print(f"[vidaccel demo] {loaded.name} on {demo.device}; {len(demo.plans)} LeMiCa plan(s); serving files from "
           f"{work_dir} only", flush=True)

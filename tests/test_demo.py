@@ -272,8 +272,8 @@ def test_lemica_plan_runs_and_a_plan_for_another_model_is_refused(demo):
 
 def test_text_encoder_format_reports_weight_bytes(demo):
     (_, _, metrics, _, stats), _ = _generate(demo, "dense", text_encoder="int8")
-    before, after = stats["text_encoder"]["text_encoder"]["bytes_before"], stats["text_encoder"]["text_encoder"]["bytes_after"]
-    assert after < before
+    encoder = stats["text_encoder"]["text_encoder"]
+    assert encoder["bytes_after"] < encoder["bytes_before"]
     assert "Text encoder weights (text_encoder)" in metrics
 
 
