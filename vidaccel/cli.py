@@ -13,6 +13,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("vidaccel.commands.generate", "generate a video, dense vs accelerated, with speed and quality"),
     "bench": ("vidaccel.commands.bench", "benchmark presets against dense: time, memory, quality"),
     "plan": ("vidaccel.commands.plan", "measure LeMiCa segment errors and write one step plan per budget"),
+    "text-encoder-eval": ("vidaccel.commands.text_encoder_eval",
+                          "fidelity of a low-precision text encoder against fp32: per-token cosine and rel L2"),
 }
 
 

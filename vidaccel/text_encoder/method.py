@@ -44,6 +44,7 @@ class TextEncoderQuantMethod(AccelMethod):
         out: dict[str, Any] = {}
         for name, result in self.results.items():
             out[name] = {"format": self.config.method, "quantized_linear_layers": len(result.quantized_modules),
+                         "quantized_embeddings": len(result.quantized_embeddings),
                          "skipped_linear_layers": len(result.skipped), "bytes_before": result.bytes_before,
                          "bytes_after": result.bytes_after}
         for name, cache in self.caches.items():

@@ -104,6 +104,10 @@ class TextEncoderQuant(MethodConfig):
         if not (isinstance(self.sinq_iterations, int) and 0 <= self.sinq_iterations <= 256):
             raise ValueError(f"sinq_iterations must be an int in [0, 256], got {self.sinq_iterations!r}")
 
+    def to_dict(self) -> dict[str, Any]:
+        # the base puts the method config's name under "method", which is also this config's format field
+        return {**super().to_dict(), "format": self.method}
+
     def build(self):
         from .method import TextEncoderQuantMethod
 
