@@ -35,12 +35,15 @@ def test_caption_text():
     assert panned.caption == "a cyan square rotates over a striped gray background as the camera pans right"
 
 
-@pytest.mark.parametrize("fields", [
-    dict(colour="red", shape="circle", motion="moves left", background="red"),
-    dict(colour="red", shape="circle", motion="rotates", background="blue"),
-    dict(colour="red", shape="square", motion="grows", background="blue", texture="plain", camera="pans left"),
-    dict(colour="purple", shape="square", motion="grows", background="blue"),
-])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(colour="red", shape="circle", motion="moves left", background="red"),
+        dict(colour="red", shape="circle", motion="rotates", background="blue"),
+        dict(colour="red", shape="square", motion="grows", background="blue", texture="plain", camera="pans left"),
+        dict(colour="purple", shape="square", motion="grows", background="blue"),
+    ],
+)
 def test_scenes_whose_caption_would_lie_are_rejected(fields):
     with pytest.raises(ValueError):
         data.Scene(**fields)
@@ -66,9 +69,15 @@ def _object_masks(clip: torch.Tensor, scene: data.Scene) -> np.ndarray:
     return np.linalg.norm(rgb - colour, axis=-1) < 0.2
 
 
-@pytest.mark.parametrize("motion, axis, sign", [
-    ("moves left", 1, -1), ("moves right", 1, 1), ("moves up", 0, -1), ("moves down", 0, 1),
-])
+@pytest.mark.parametrize(
+    "motion, axis, sign",
+    [
+        ("moves left", 1, -1),
+        ("moves right", 1, 1),
+        ("moves up", 0, -1),
+        ("moves down", 0, 1),
+    ],
+)
 def test_linear_motion_goes_where_the_caption_says(motion, axis, sign):
     scenes = [data.Scene(colour, "square", motion, "black") for colour in ("red", "green", "blue")]
     clips = data.render_clips(scenes, seed=21, num_frames=9, height=64, width=64)
@@ -99,9 +108,13 @@ def test_rotation_and_pan_change_the_frames():
 
 
 def test_rendered_colour_matches_caption_for_every_colour_and_background():
-    scenes = [data.Scene(colour, shape, "bounces around", background, texture)
-              for colour in data.OBJECT_COLOURS for background in data.BACKGROUND_COLOURS if background != colour
-              for shape, texture in [("circle", "plain"), ("cross", "checkered")]]
+    scenes = [
+        data.Scene(colour, shape, "bounces around", background, texture)
+        for colour in data.OBJECT_COLOURS
+        for background in data.BACKGROUND_COLOURS
+        if background != colour
+        for shape, texture in [("circle", "plain"), ("cross", "checkered")]
+    ]
     clips = data.render_clips(scenes, seed=24, num_frames=5, height=96, width=96)
     predicted = [classify_object_colour(video, frame_stride=2) for video in clips_to_videos(clips)]
     assert predicted == [scene.colour for scene in scenes]

@@ -6,7 +6,11 @@ import torch
 from vidaccel.reference import data
 from vidaccel.reference.architecture import SMOKE, build_transformer
 from vidaccel.reference.evaluation import (
-    AttentionLocalityProbe, classify_frame, classify_object_colour, clips_to_videos, self_attention_probabilities,
+    AttentionLocalityProbe,
+    classify_frame,
+    classify_object_colour,
+    clips_to_videos,
+    self_attention_probabilities,
 )
 
 
@@ -26,8 +30,10 @@ def test_classifier_picks_the_largest_region_not_a_speck():
 
 
 def test_classifier_on_textured_panning_clips():
-    scenes = [data.Scene(colour, "triangle", "moves up", background, "striped", "pans right")
-              for colour, background in [("red", "white"), ("cyan", "black"), ("magenta", "green"), ("yellow", "blue")]]
+    scenes = [
+        data.Scene(colour, "triangle", "moves up", background, "striped", "pans right")
+        for colour, background in [("red", "white"), ("cyan", "black"), ("magenta", "green"), ("yellow", "blue")]
+    ]
     videos = clips_to_videos(data.render_clips(scenes, seed=4, num_frames=9, height=80, width=80))
     assert videos.shape == (4, 9, 3, 80, 80)
     assert [classify_object_colour(v) for v in videos] == [s.colour for s in scenes]

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from vidaccel.reference.architecture import SMOKE, build_vae
-from vidaccel.reference.pipeline import reference_pipeline
+from vidaccel.reference.pipeline import UnacceptedReferenceWarning, reference_pipeline
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_reference.py"
 
@@ -24,15 +24,45 @@ def train():
 
 
 def _smoke_args(root: Path, *extra: str) -> list[str]:
-    return ["--config", "smoke", "--device", "cpu", "--vae-batch", "2", "--transformer-batch", "2",
-            "--latent-stat-clips", "2", "--log-every", "1", "--checkpoint-every", "0",
-            "--assets-dir", str(root / "assets"), "--log-dir", str(root / "logs"),
-            "--checkpoint-dir", str(root / "checkpoints"), *extra]
+    return [
+        "--config",
+        "smoke",
+        "--device",
+        "cpu",
+        "--vae-batch",
+        "2",
+        "--transformer-batch",
+        "2",
+        "--latent-stat-clips",
+        "2",
+        "--log-every",
+        "1",
+        "--checkpoint-every",
+        "0",
+        "--assets-dir",
+        str(root / "assets"),
+        "--log-dir",
+        str(root / "logs"),
+        "--checkpoint-dir",
+        str(root / "checkpoints"),
+        *extra,
+    ]
 
 
 def test_smoke_run_trains_logs_and_writes_loadable_assets(train, tmp_path):
-    train.main(_smoke_args(tmp_path, "--stage", "all", "--vae-steps", "3", "--transformer-steps", "3",
-                           "--export-dir", str(tmp_path / "export")))
+    train.main(
+        _smoke_args(
+            tmp_path,
+            "--stage",
+            "all",
+            "--vae-steps",
+            "3",
+            "--transformer-steps",
+            "3",
+            "--export-dir",
+            str(tmp_path / "export"),
+        )
+    )
     log = json.loads((tmp_path / "logs" / "training_log.json").read_text())
     for stage in ("vae", "transformer"):
         assert log["stages"][stage]["steps_done"] == 3
@@ -41,12 +71,22 @@ def test_smoke_run_trains_logs_and_writes_loadable_assets(train, tmp_path):
         assert (tmp_path / "logs" / f"{stage}_loss.csv").is_file()
     assert len(log["stages"]["vae"]["latent_statistics"]["std"]) == SMOKE.latent_channels
 
-    pipe = reference_pipeline(path=tmp_path / "assets")
+    card = json.loads((tmp_path / "assets" / "model_card.json").read_text())
+    assert card["acceptance_passed"] is False and card["training"]["transformer"]["steps_done"] == 3
+    with pytest.warns(UnacceptedReferenceWarning):
+        pipe = reference_pipeline(path=tmp_path / "assets")
     pipe.set_progress_bar_config(disable=True)
     assert pipe.vae.config.latents_std == log["stages"]["vae"]["latent_statistics"]["std"]
-    video = pipe("a green square grows over a white background", height=32, width=32, num_frames=5,
-                 num_inference_steps=2, max_sequence_length=SMOKE.max_sequence_length, output_type="pt",
-                 generator=torch.Generator().manual_seed(0)).frames
+    video = pipe(
+        "a green square grows over a white background",
+        height=32,
+        width=32,
+        num_frames=5,
+        num_inference_steps=2,
+        max_sequence_length=SMOKE.max_sequence_length,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    ).frames
     assert video.shape == (1, 5, 3, 32, 32) and torch.isfinite(video).all()
 
     # Packed weights from a training machine install into an identical asset folder.
@@ -58,6 +98,29 @@ def test_smoke_run_trains_logs_and_writes_loadable_assets(train, tmp_path):
         assert all(torch.equal(original[k], installed[k]) for k in original)
         config = json.loads((tmp_path / "copy" / component / "config.json").read_text())
         assert config == json.loads((tmp_path / "assets" / component / "config.json").read_text())
+
+
+def test_warm_start_begins_from_the_given_weights(train, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    train.main(_smoke_args(first, "--stage", "all", "--vae-steps", "2", "--transformer-steps", "2"))
+    # Zero steps from a warm start must reproduce the starting weights exactly (EMA included).
+    train.main(
+        _smoke_args(
+            second,
+            "--stage",
+            "all",
+            "--vae-steps",
+            "0",
+            "--transformer-steps",
+            "0",
+            "--init-from",
+            str(first / "assets"),
+        )
+    )
+    for component in ("vae", "transformer"):
+        a = load_file(str(first / "assets" / component / "diffusion_pytorch_model.safetensors"))
+        b = load_file(str(second / "assets" / component / "diffusion_pytorch_model.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a), component
 
 
 def test_resumed_run_matches_an_uninterrupted_one(train, tmp_path):
@@ -81,6 +144,7 @@ def test_unclamped_decode_is_the_stock_decode_before_its_clamp(train):
         unclamped = train.decode_unclamped(vae, latents)
         stock = vae.decode(latents).sample
     assert unclamped.shape == stock.shape == (1, 3, 5, 32, 32)
+    assert vae.config.patch_size == SMOKE.vae_patch_size == 2  # the unpatchify path is the one exercised
     assert torch.allclose(unclamped.clamp(-1, 1), stock, atol=1e-6)
 
 

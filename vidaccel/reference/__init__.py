@@ -9,5 +9,10 @@ from .architecture import GENERATION_DEFAULTS, MAX_SEQUENCE_LENGTH, SHIPPED, Ref
 from .pipeline import reference_asset_dir, reference_pipeline
 
 __all__ = [
-    "GENERATION_DEFAULTS", "MAX_SEQUENCE_LENGTH", "SHIPPED", "ReferenceSizes", "reference_asset_dir", "reference_pipeline",
+    "GENERATION_DEFAULTS",
+    "MAX_SEQUENCE_LENGTH",
+    "SHIPPED",
+    "ReferenceSizes",
+    "reference_asset_dir",
+    "reference_pipeline",
 ]

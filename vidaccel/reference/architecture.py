@@ -40,6 +40,9 @@ class ReferenceSizes:
 
     vae_base_dim: int = 16
     vae_num_res_blocks: int = 1
+    # 1: Wan 2.1's plain layout (three 2x downsamples). 2: fold 2x2 pixel patches into channels first, as Wan 2.2's
+    # VAE does, and downsample twice, so the widest layers run at half resolution (not yet trained at full size).
+    vae_patch_size: int = 1
     latent_channels: int = 16
     heads: int = 2
     head_dim: int = 32
@@ -68,21 +71,43 @@ class ReferenceSizes:
 
 
 SHIPPED = ReferenceSizes()
-SMOKE = ReferenceSizes(vae_base_dim=4, latent_channels=4, heads=2, head_dim=8, ffn_dim=32, layers=2, freq_dim=32,
-                       num_frames=5, height=32, width=32, max_sequence_length=16)
+# The shipped widths at 9x64x64 (48 video tokens): cheap enough to check the training recipe on a CPU.
+MINI = ReferenceSizes(num_frames=9, height=64, width=64)
+SMOKE = ReferenceSizes(
+    vae_base_dim=4,
+    vae_patch_size=2,
+    latent_channels=4,
+    heads=2,
+    head_dim=8,
+    ffn_dim=32,
+    layers=2,
+    freq_dim=32,
+    num_frames=5,
+    height=32,
+    width=32,
+    max_sequence_length=16,
+)
 
 
-def build_vae(sizes: ReferenceSizes = SHIPPED, latents_mean: list[float] | None = None,
-              latents_std: list[float] | None = None) -> AutoencoderKLWan:
+def build_vae(
+    sizes: ReferenceSizes = SHIPPED, latents_mean: list[float] | None = None, latents_std: list[float] | None = None
+) -> AutoencoderKLWan:
     """A fresh Wan VAE (8x spatial, 4x temporal compression). Latent statistics default to mean 0, std 1."""
-    channels = sizes.latent_channels
+    channels, patch = sizes.latent_channels, sizes.vae_patch_size
+    # Spatial compression = patch x 2^(number of downsamples) = 8; every downsample also halves time (4x).
+    downsamples = {1: 3, 2: 2, 4: 1}[patch]
     return AutoencoderKLWan(
         base_dim=sizes.vae_base_dim,
         z_dim=channels,
-        dim_mult=[1, 2, 4, 4],
+        dim_mult=[1, 2, 4, 4][: downsamples + 1],
         num_res_blocks=sizes.vae_num_res_blocks,
         attn_scales=[],
-        temperal_downsample=[False, True, True],
+        temperal_downsample=[False, True, True][-downsamples:],
+        in_channels=3 * patch * patch,
+        out_channels=3 * patch * patch,
+        patch_size=patch if patch > 1 else None,
+        scale_factor_spatial=8,
+        scale_factor_temporal=4,
         latents_mean=list(latents_mean) if latents_mean is not None else [0.0] * channels,
         latents_std=list(latents_std) if latents_std is not None else [1.0] * channels,
     )

@@ -42,7 +42,14 @@ BACKGROUND_COLOURS: dict[str, tuple[float, float, float]] = {
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
 MOTIONS: tuple[str, ...] = (
-    "moves left", "moves right", "moves up", "moves down", "bounces around", "rotates", "grows", "shrinks",
+    "moves left",
+    "moves right",
+    "moves up",
+    "moves down",
+    "bounces around",
+    "rotates",
+    "grows",
+    "shrinks",
 )
 TEXTURES: tuple[str, ...] = ("plain", "striped", "checkered")
 CAMERAS: tuple[str, ...] = ("static", "pans left", "pans right")
@@ -177,12 +184,12 @@ def _shape_distance(shape_ids: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -
     circle = torch.sqrt(x * x + y * y) - 1.0
     square = torch.maximum(x.abs(), y.abs()) - 0.85
     # Equilateral triangle, apex up, as the largest of three edge half-plane distances; inradius 0.55.
-    edges = [(math.cos(a), math.sin(a)) for a in (math.pi / 2, math.pi / 2 + 2 * math.pi / 3, math.pi / 2 + 4 * math.pi / 3)]
+    edges = [
+        (math.cos(a), math.sin(a)) for a in (math.pi / 2, math.pi / 2 + 2 * math.pi / 3, math.pi / 2 + 4 * math.pi / 3)
+    ]
     triangle = torch.stack([-(nx * x + ny * y) for nx, ny in edges]).amax(0) - 0.55
     arm = 0.32
-    cross = torch.minimum(
-        torch.maximum(x.abs() - 1.0, y.abs() - arm), torch.maximum(x.abs() - arm, y.abs() - 1.0)
-    )
+    cross = torch.minimum(torch.maximum(x.abs() - 1.0, y.abs() - arm), torch.maximum(x.abs() - arm, y.abs() - 1.0))
     distances = torch.stack([circle, square, triangle, cross])  # order of SHAPES
     index = shape_ids.view(1, -1, *([1] * (x.dim() - 1))).expand(1, *x.shape)
     return distances.gather(0, index).squeeze(0)
@@ -200,7 +207,11 @@ class _Trajectories:
 def _trajectories(scenes: Sequence[Scene], num_frames: int, aspect: float, generator: torch.Generator) -> _Trajectories:
     """Per-scene motion over the clip, drawn on the CPU in float64 so every device renders the same clip."""
     count = len(scenes)
-    t = torch.linspace(0.0, 1.0, num_frames, dtype=torch.float64).view(1, -1) if num_frames > 1 else torch.zeros(1, 1, dtype=torch.float64)
+    t = (
+        torch.linspace(0.0, 1.0, num_frames, dtype=torch.float64).view(1, -1)
+        if num_frames > 1
+        else torch.zeros(1, 1, dtype=torch.float64)
+    )
     motion = [s.motion for s in scenes]
 
     base_radius = _uniform(generator, count, 0.16, 0.24)
@@ -210,11 +221,14 @@ def _trajectories(scenes: Sequence[Scene], num_frames: int, aspect: float, gener
     still_x = _uniform(generator, count, -0.4, 0.4)
     still_y = _uniform(generator, count, -0.4, 0.4)
     bounce_speed = _uniform(generator, count, 1.6, 2.4)
-    bounce_angle = _uniform(generator, count, math.radians(20), math.radians(70)) + (math.pi / 2) * torch.randint(
-        4, (count,), generator=generator
-    ).double()
+    bounce_angle = (
+        _uniform(generator, count, math.radians(20), math.radians(70))
+        + (math.pi / 2) * torch.randint(4, (count,), generator=generator).double()
+    )
     angle0 = _uniform(generator, count, 0.0, 2 * math.pi)
-    spin = _uniform(generator, count, math.pi, 2 * math.pi) * (2 * torch.randint(2, (count,), generator=generator).double() - 1)
+    spin = _uniform(generator, count, math.pi, 2 * math.pi) * (
+        2 * torch.randint(2, (count,), generator=generator).double() - 1
+    )
     grow = _uniform(generator, count, 0.9, 1.3)
     small_radius = _uniform(generator, count, 0.12, 0.16)
     large_radius = _uniform(generator, count, 0.28, 0.34)
@@ -256,8 +270,15 @@ def _trajectories(scenes: Sequence[Scene], num_frames: int, aspect: float, gener
     return _Trajectories(centre_x, centre_y, radius, angle, pan_x)
 
 
-def _texture_pattern(texture_ids: torch.Tensor, u: torch.Tensor, v: torch.Tensor, period: torch.Tensor,
-                     orientation: torch.Tensor, phase: torch.Tensor, pixel: float) -> torch.Tensor:
+def _texture_pattern(
+    texture_ids: torch.Tensor,
+    u: torch.Tensor,
+    v: torch.Tensor,
+    period: torch.Tensor,
+    orientation: torch.Tensor,
+    phase: torch.Tensor,
+    pixel: float,
+) -> torch.Tensor:
     """Texture weight in [0, 1] (0 = base colour, 1 = alternate colour); anti-aliased square waves."""
     view = (-1,) + (1,) * (u.dim() - 1)
     period, orientation, phase = period.view(view), orientation.view(view), phase.view(view)
@@ -324,8 +345,13 @@ def render_clips(
 
     texture_ids = torch.tensor([TEXTURES.index(s.texture) for s in scenes], device=device)
     pattern = _texture_pattern(
-        texture_ids, grid_x - per_frame(pan_x), grid_y.expand_as(dx), to_device(texture_period),
-        to_device(texture_orientation), to_device(texture_phase), 1.0 / unit,
+        texture_ids,
+        grid_x - per_frame(pan_x),
+        grid_y.expand_as(dx),
+        to_device(texture_period),
+        to_device(texture_orientation),
+        to_device(texture_phase),
+        1.0 / unit,
     ).unsqueeze(1)  # (B, 1, F, H, W)
 
     base = torch.tensor([BACKGROUND_COLOURS[s.background] for s in scenes], device=device)

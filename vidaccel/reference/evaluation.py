@@ -97,8 +97,9 @@ def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     return out.to(x.dtype)
 
 
-def self_attention_probabilities(attn, hidden_states: torch.Tensor, rotary_emb, queries: torch.Tensor | None = None
-                                 ) -> torch.Tensor:
+def self_attention_probabilities(
+    attn, hidden_states: torch.Tensor, rotary_emb, queries: torch.Tensor | None = None
+) -> torch.Tensor:
     """softmax(Q K^T / sqrt(d)) of a Wan self-attention module, float32, shaped (batch, heads, queries, keys).
 
     Recomputes the projections the stock Wan processor makes (q/k RMS norm across heads, interleaved rotary
@@ -172,14 +173,21 @@ class AttentionLocalityProbe:
         tokens = torch.arange(hidden_states.shape[1], device=hidden_states.device)
         frame_of, row_of, col_of = tokens // (height * width), (tokens // width) % height, tokens % width
         near_frames = (frame_of[picked, None] - frame_of[None, :]).abs() <= 1
-        window = near_frames & ((row_of[picked, None] - row_of[None, :]).abs() <= self.spatial_radius) & (
-            (col_of[picked, None] - col_of[None, :]).abs() <= self.spatial_radius
+        window = (
+            near_frames
+            & ((row_of[picked, None] - row_of[None, :]).abs() <= self.spatial_radius)
+            & ((col_of[picked, None] - col_of[None, :]).abs() <= self.spatial_radius)
         )
-        sums = self._sums.setdefault(layer, {
-            "temporal": torch.zeros(attn.heads, dtype=torch.float64), "window": torch.zeros(attn.heads, dtype=torch.float64),
-            "uniform_temporal": torch.zeros((), dtype=torch.float64), "uniform_window": torch.zeros((), dtype=torch.float64),
-            "queries": torch.zeros((), dtype=torch.float64),
-        })
+        sums = self._sums.setdefault(
+            layer,
+            {
+                "temporal": torch.zeros(attn.heads, dtype=torch.float64),
+                "window": torch.zeros(attn.heads, dtype=torch.float64),
+                "uniform_temporal": torch.zeros((), dtype=torch.float64),
+                "uniform_window": torch.zeros((), dtype=torch.float64),
+                "queries": torch.zeros((), dtype=torch.float64),
+            },
+        )
         count = probs.shape[0] * probs.shape[2]
         sums["temporal"] += (probs * near_frames).sum(dim=(0, 2, 3)).double().cpu()
         sums["window"] += (probs * window).sum(dim=(0, 2, 3)).double().cpu()
@@ -193,13 +201,15 @@ class AttentionLocalityProbe:
         for layer in sorted(self._sums):
             sums = self._sums[layer]
             queries = float(sums["queries"])
-            layers.append({
-                "layer": layer,
-                "mass_within_1_frame": (sums["temporal"] / queries).tolist(),
-                "uniform_within_1_frame": float(sums["uniform_temporal"]) / queries,
-                "mass_in_window": (sums["window"] / queries).tolist(),
-                "uniform_in_window": float(sums["uniform_window"]) / queries,
-            })
+            layers.append(
+                {
+                    "layer": layer,
+                    "mass_within_1_frame": (sums["temporal"] / queries).tolist(),
+                    "uniform_within_1_frame": float(sums["uniform_temporal"]) / queries,
+                    "mass_in_window": (sums["window"] / queries).tolist(),
+                    "uniform_in_window": float(sums["uniform_window"]) / queries,
+                }
+            )
         if not layers:
             return {"layers": []}
         temporal = float(np.mean([np.mean(entry["mass_within_1_frame"]) for entry in layers]))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -40,13 +41,15 @@ def reference_asset_dir() -> Path:
         if (candidate / "model_index.json").is_file():
             return candidate
     raise FileNotFoundError(
-        "the reference model assets were not found (looked in: " + ", ".join(map(str, candidates)) +
-        f"); set {ASSET_ENV_VAR} to the folder that holds model_index.json"
+        "the reference model assets were not found (looked in: "
+        + ", ".join(map(str, candidates))
+        + f"); set {ASSET_ENV_VAR} to the folder that holds model_index.json"
     )
 
 
-def write_reference_assets(folder: str | os.PathLike, vae: AutoencoderKLWan | None = None,
-                           transformer: WanTransformer3DModel | None = None) -> Path:
+def write_reference_assets(
+    folder: str | os.PathLike, vae: AutoencoderKLWan | None = None, transformer: WanTransformer3DModel | None = None
+) -> Path:
     """Save trained components as a folder ``WanPipeline.from_pretrained`` loads (after importing this package).
 
     Components left as None keep whatever the folder already holds; the index, scheduler and pointers are rewritten.
@@ -79,8 +82,26 @@ def write_reference_assets(folder: str | os.PathLike, vae: AutoencoderKLWan | No
     return folder
 
 
-def reference_pipeline(device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                       path: str | os.PathLike | None = None) -> WanPipeline:
+class UnacceptedReferenceWarning(UserWarning):
+    """The reference weights on disk did not pass (or never went through) the acceptance test."""
+
+
+def _warn_unless_accepted(folder: Path) -> None:
+    card_path = folder / "model_card.json"
+    card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+    if not card.get("acceptance_passed", False):
+        warnings.warn(
+            f"the reference weights in {folder} have not passed acceptance (model_card.json: colour match "
+            f"{card.get('colour_match_rate')}, locality ratio {card.get('locality_ratio')}); quality numbers "
+            "measured with them are not meaningful",
+            UnacceptedReferenceWarning,
+            stacklevel=3,
+        )
+
+
+def reference_pipeline(
+    device: torch.device | str | None = None, dtype: torch.dtype | None = None, path: str | os.PathLike | None = None
+) -> WanPipeline:
     """The shipped reference text-to-video model as a stock ``WanPipeline``, loaded offline.
 
     ``dtype`` applies to the transformer and the text encoder; the VAE stays float32 as Wan recommends. Call it with
@@ -88,7 +109,10 @@ def reference_pipeline(device: torch.device | str | None = None, dtype: torch.dt
     ``pipe("a red circle moves left over a blue background", **GENERATION_DEFAULTS)``.
     """
     folder = Path(path) if path is not None else reference_asset_dir()
-    torch_dtype = torch.float32 if dtype is None else {"transformer": dtype, "text_encoder": dtype, "default": torch.float32}
+    _warn_unless_accepted(folder)
+    torch_dtype = (
+        torch.float32 if dtype is None else {"transformer": dtype, "text_encoder": dtype, "default": torch.float32}
+    )
     pipe = WanPipeline.from_pretrained(folder, dtype=torch_dtype)
     if device is not None:
         pipe.to(device)

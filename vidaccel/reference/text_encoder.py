@@ -72,8 +72,9 @@ class MiniLMTokenizer(BertTokenizer):
         return super().from_pretrained(_resolve(pretrained_model_name_or_path), *args, **kwargs)
 
 
-def load_minilm(device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-                path: str | os.PathLike | None = None) -> tuple[BertModel, BertTokenizer]:
+def load_minilm(
+    device: torch.device | str | None = None, dtype: torch.dtype = torch.float32, path: str | os.PathLike | None = None
+) -> tuple[BertModel, BertTokenizer]:
     """Text encoder (eval mode) and tokenizer, from ``path`` or the installed package."""
     folder = _resolve(path)
     encoder = BertModel.from_pretrained(folder, dtype=dtype).eval()
@@ -90,8 +91,13 @@ def encode_captions(encoder: BertModel, tokenizer, captions: Sequence[str], max_
     attention mask, keep the real tokens and zero the padded positions. Our captions need no text cleaning.
     """
     tokens = tokenizer(
-        list(captions), padding="max_length", max_length=max_sequence_length, truncation=True,
-        add_special_tokens=True, return_attention_mask=True, return_tensors="pt",
+        list(captions),
+        padding="max_length",
+        max_length=max_sequence_length,
+        truncation=True,
+        add_special_tokens=True,
+        return_attention_mask=True,
+        return_tensors="pt",
     )
     device = next(encoder.parameters()).device
     hidden = encoder(tokens.input_ids.to(device), tokens.attention_mask.to(device)).last_hidden_state
