@@ -12,6 +12,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "info": ("vidaccel.commands.info", "versions, device, kernel backend and presets"),
     "generate": ("vidaccel.commands.generate", "generate a video, dense vs accelerated, with speed and quality"),
     "bench": ("vidaccel.commands.bench", "benchmark presets against dense: time, memory, quality"),
+    "demo": ("vidaccel.commands.demo", "the Gradio app: dense vs accelerated side by side in the browser"),
     "plan": ("vidaccel.commands.plan", "measure LeMiCa segment errors and write one step plan per budget"),
     "text-encoder-eval": ("vidaccel.commands.text_encoder_eval",
                           "fidelity of a low-precision text encoder against fp32: per-token cosine and rel L2"),
