@@ -29,7 +29,7 @@ from vidaccel.text_encoder.eval import (
     load_default_prompts,
 )
 from vidaccel.text_encoder.quantize import TextEncoderQuant, quantize_text_encoder
-from vidaccel.text_encoder.quantized_linear import QuantizedLinear
+from vidaccel.text_encoder.quantized_linear import linear_bits_per_weight
 
 SHORT_TOKENS = 77
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "text_encoder_fidelity.json"
@@ -68,18 +68,6 @@ def minilm_folder() -> Path:
         if (config.parent / "model.safetensors").exists():
             return config.parent
     raise FileNotFoundError(f"no model folder with config.json and model.safetensors under {package_dir}")
-
-
-def weight_bits(model: torch.nn.Module) -> float:
-    """Stored bits per weight of the quantized linear layers (codes, scales, SINQ column scales; no bias)."""
-    stored = weights = 0
-    for module in model.modules():
-        if isinstance(module, QuantizedLinear):
-            stored += module.packed.nbytes()
-            if module.col_scale is not None:
-                stored += module.col_scale.numel() * module.col_scale.element_size()
-            weights += module.in_features * module.out_features
-    return 8.0 * stored / weights
 
 
 def state_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -124,7 +112,7 @@ def run(out: Path, batch_size: int) -> dict:
         result = quantize_text_encoder(model, config)
         quantize_s = time.perf_counter() - started
         measured = fidelity(embed(encode))
-        bits = weight_bits(model)
+        bits = linear_bits_per_weight(model)
         result.restore()
         rows.append(
             {

@@ -139,17 +139,9 @@ def load_text_encoder(model: Path | None, subfolder: str, device: str):
 
 
 def linear_bits_per_weight(model) -> float | None:
-    """Stored bits per weight of the quantized linear layers (codes, scales, SINQ column scales; no bias)."""
-    from ..text_encoder.quantized_linear import QuantizedLinear
+    from ..text_encoder.quantized_linear import linear_bits_per_weight as bits
 
-    stored = weights = 0
-    for module in model.modules():
-        if isinstance(module, QuantizedLinear):
-            stored += module.packed.nbytes()
-            if module.col_scale is not None:
-                stored += module.col_scale.numel() * module.col_scale.element_size()
-            weights += module.in_features * module.out_features
-    return 8.0 * stored / weights if weights else None
+    return bits(model)
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:

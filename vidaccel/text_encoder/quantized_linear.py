@@ -216,3 +216,15 @@ class QuantizedLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*h.shape[:-1], self.out_features)
+
+
+def linear_bits_per_weight(model: nn.Module) -> float | None:
+    """Stored bits per weight of the quantized linear layers (codes, scales, SINQ column scales; no bias)."""
+    stored = weights = 0
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            stored += module.packed.nbytes()
+            if module.col_scale is not None:
+                stored += module.col_scale.numel() * module.col_scale.element_size()
+            weights += module.in_features * module.out_features
+    return 8.0 * stored / weights if weights else None
