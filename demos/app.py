@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import collections
+import contextlib
 import dataclasses
 import inspect
 import logging
@@ -414,6 +415,24 @@ def _vidaccel_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
 Progress = Callable[..., Any]  # gr.Progress or anything called as progress(fraction, desc=...)
 
 
+def _share(progress: Progress, start: float, span: float) -> Progress:
+    """`progress` with [0, 1] mapped onto [start, start + span]."""
+    return lambda fraction, desc="": progress(start + span * fraction, desc=desc)
+
+
+def _step_progress(progress: Progress, start: float, span: float, label: str, steps: int):
+    """A diffusers `callback_on_step_end` that moves `progress` from `start` to `start + span` over the steps."""
+    progress(start, desc=f"{label}: step 0/{steps}")
+
+    def on_step_end(pipe, step, timestep, tensors):
+        done = step + 1
+        desc = f"{label}: step {done}/{steps}" if done < steps else f"{label}: decoding"
+        progress(start + span * done / steps, desc=desc)
+        return tensors
+
+    return on_step_end
+
+
 def _no_progress(fraction: float, desc: str = "") -> None:
     pass
 
@@ -507,10 +526,9 @@ class VidaccelDemo:
         """Accelerated first (a bad plan or config fails before the dense run is paid for), then dense (or the
         cached dense video), then quality. Each variant's first run at a size follows an untimed warm-up."""
         size = (settings.height, settings.width, settings.frames)
-        progress(0.0, desc="warm-up (untimed)")
-        self._warm_up(settings, None, size)
+        self._warm_up(settings, None, size, _share(progress, 0.0, 0.025))
         if preset.attention is not None:
-            self._warm_up(settings, preset.attention, size)
+            self._warm_up(settings, preset.attention, size, _share(progress, 0.025, 0.025))
 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -532,32 +550,28 @@ class VidaccelDemo:
         progress(1.0, desc="done")
         return Comparison(settings, preset, dense, from_cache, fast_run, stats, quality, notes)
 
-    def _warm_up(self, settings: RunSettings, attention: Optional[MethodConfig], size: tuple[int, int, int]) -> None:
+    def _warm_up(self, settings: RunSettings, attention: Optional[MethodConfig], size: tuple[int, int, int],
+                 progress: Progress) -> None:
         """One short untimed run per attention config and size, so one-time costs (lazy init, kernel tuning) stay
-        out of the timings. Sparse from its first step, so that a kernel is really run."""
+        out of the timings: sparse from its first step, so that a kernel really runs, and no VAE decode (the
+        expensive part on a CPU, with nothing to tune)."""
         key = (attention, size)
         if key in self._warmed:
             return
-        overrides = {**settings.overrides(), "num_inference_steps": min(WARMUP_STEPS, settings.steps)}
-        if attention is None:
+        steps = min(WARMUP_STEPS, settings.steps)
+        overrides = {**settings.overrides(), "num_inference_steps": steps, "output_type": "latent",
+                     "callback_on_step_end": _step_progress(progress, 0.0, 1.0, "warm-up (untimed)", steps)}
+        if attention is not None and "dense_warmup" in {field.name for field in dataclasses.fields(attention)}:
+            attention = dataclasses.replace(attention, dense_warmup=0.0)
+        preset = Preset(attention=attention, name="warm-up")
+        with accelerated(self.loaded.pipe, preset) if attention is not None else contextlib.nullcontext():
             generate(self.loaded, settings.prompt, seed=settings.seed, progress=False, **overrides)
-        else:
-            if "dense_warmup" in {field.name for field in dataclasses.fields(attention)}:
-                attention = dataclasses.replace(attention, dense_warmup=0.0)
-            with accelerated(self.loaded.pipe, Preset(attention=attention, name="warm-up")):
-                generate(self.loaded, settings.prompt, seed=settings.seed, progress=False, **overrides)
         self._warmed.add(key)
 
     def _timed(self, settings: RunSettings, progress: Progress, start: float, span: float, label: str) -> Generation:
-        steps = settings.steps
-
-        def on_step_end(pipe, step, timestep, tensors):
-            progress(start + span * (step + 1) / steps, desc=f"{label}: step {step + 1}/{steps}")
-            return tensors
-
-        progress(start, desc=f"{label}: step 0/{steps}")
+        callback = _step_progress(progress, start, span, label, settings.steps)
         return generate(self.loaded, settings.prompt, seed=settings.seed, progress=False,
-                        callback_on_step_end=on_step_end, **settings.overrides())
+                        callback_on_step_end=callback, **settings.overrides())
 
     def _write(self, video: np.ndarray, label: str) -> Path:
         self._videos_written += 1
@@ -786,8 +800,12 @@ def _method_controls(demo: VidaccelDemo, initial: AccelSettings) -> dict[str, gr
 
 def serve(args: argparse.Namespace) -> int:
     """Load the model, build the page and serve it until interrupted (what `vidaccel demo` runs)."""
+    import torch
+
     from vidaccel.runner import load_pipeline
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     source = f"--tiny {args.tiny}" if args.tiny else (args.model or "the reference model")
     print(f"[vidaccel demo] loading {source} ...", flush=True)
     try:

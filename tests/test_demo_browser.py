@@ -1,4 +1,4 @@
-"""The demo page in a real browser: start `python demos/app.py --tiny wan --steps 2` on a free loopback port, drive
+"""The demo page in a real browser: start `vidaccel demo --tiny wan --steps 2` on a free loopback port, drive
 headless Chromium with Playwright through a generation and an invalid size, check what is served, save a screenshot
 to test-artifacts/, and stop the server."""
 
@@ -45,7 +45,7 @@ def _get(url: str) -> int:
 
 
 class DemoServer:
-    """`python demos/app.py --tiny wan --steps 2` on a free loopback port, its output in a log file."""
+    """`vidaccel demo --tiny wan --steps 2` (one torch thread) on a free loopback port, its output in a log file."""
 
     def __init__(self, log_path: Path):
         self.port = _free_port()
@@ -54,8 +54,8 @@ class DemoServer:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
         with open(log_path, "w") as log:
             self.process = subprocess.Popen(
-                [sys.executable, str(REPOSITORY / "demos" / "app.py"), "--tiny", "wan", "--steps", "2",
-                 "--device", "cpu", "--port", str(self.port)],
+                [sys.executable, "-m", "vidaccel.cli", "demo", "--tiny", "wan", "--steps", "2", "--device", "cpu",
+                 "--threads", "1", "--port", str(self.port)],
                 cwd=REPOSITORY, stdout=log, stderr=subprocess.STDOUT, env=env)
         self.work_dir: Path | None = None
 

@@ -20,6 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--tiny", help="a tiny random-weight test pipeline kind (wan, wan2.2, hunyuan, cogvideox)")
     parser.add_argument("--device", help="cuda or cpu (default: best available)")
     parser.add_argument("--steps", type=int, help="the page's default step count (default: the model's)")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads for torch (default: torch's choice; 1 is often fastest on a busy small CPU)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1; 0.0.0.0 exposes the demo to your network)")
     parser.add_argument("--port", type=int, help="port (default: 7860 or the next free one)")
