@@ -30,7 +30,7 @@ import gradio as gr
 import numpy as np
 from matplotlib.figure import Figure
 
-from vidaccel import DBCache, LeMiCa, Preset, RadialAttention, list_presets
+from vidaccel import DBCache, DenseAttention, LeMiCa, Preset, RadialAttention, list_presets
 from vidaccel.adapters import for_pipeline
 from vidaccel.attention.radial_method import FAMILY_DEFAULTS as RADIAL_FAMILY_DEFAULTS
 from vidaccel.metrics import compare_videos, json_safe
@@ -195,8 +195,6 @@ def find_lemica_plans(root: Optional[Path]) -> dict[str, Path]:
 def method_catalog() -> dict[str, dict[str, MethodConfig]]:
     """Attention and cache methods offered on the page, by name, each with the config to use when chosen: vidaccel's
     defaults, or the first preset that uses a method the page has no knobs for."""
-    from vidaccel import DenseAttention
-
     catalog: dict[str, dict[str, MethodConfig]] = {
         "attention": {"dense": DenseAttention(), "radial": RadialAttention()},
         "cache": {"dbcache": DBCache()},
@@ -615,6 +613,15 @@ def transformer_work(stats: dict[str, Any]) -> tuple[int, int]:
     return int((stats.get("steps") or {}).get("transformer_calls", 0)), 0
 
 
+# The fields each method's one-line description shows (the knobs of the page, plus LeMiCa's step list).
+_DESCRIBED_FIELDS: dict[type, tuple[str, ...]] = {
+    RadialAttention: ("dense_warmup", "dense_layers", "decay"),
+    DBCache: ("Fn", "Bn", "threshold", "warmup_steps"),
+    LeMiCa: ("plan", "computed_steps", "allow_rescale"),
+    TextEncoderQuant: ("method",),
+}
+
+
 def describe_preset(preset: Preset) -> str:
     parts = []
     roles = (("attention", preset.attention), ("cache", preset.cache), ("text encoder", preset.text_encoder))
@@ -622,15 +629,9 @@ def describe_preset(preset: Preset) -> str:
         if config is None:
             parts.append(f"{role}: stock")
             continue
-        fields = {k: v for k, v in config.to_dict().items() if k != "method"}
-        shown = {
-            RadialAttention: ("dense_warmup", "dense_layers", "decay"),
-            DBCache: ("Fn", "Bn", "threshold", "warmup_steps"),
-            LeMiCa: ("plan", "computed_steps", "allow_rescale"),
-            TextEncoderQuant: ("method",),
-        }.get(type(config), ())
-        details = ", ".join(f"{k}={Path(v).name if k == 'plan' and v else v}" for k, v in fields.items()
-                            if k in shown and v is not None)
+        values = {name: getattr(config, name) for name in _DESCRIBED_FIELDS.get(type(config), ())}
+        details = ", ".join(f"{name}={Path(value).name if name == 'plan' else value}"
+                            for name, value in values.items() if value is not None)
         parts.append(f"{role}: **{config.name}**" + (f" ({details})" if details else ""))
     return " · ".join(parts)
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 
 gr = pytest.importorskip("gradio", reason="the demo needs gradio (pip install 'vidaccel[demo]')")
 
-from vidaccel import DBCache, LeMiCa, Preset, RadialAttention, list_presets  # noqa: E402
+from vidaccel import DBCache, LeMiCa, list_presets  # noqa: E402
 from vidaccel.commands import demo as demo_command  # noqa: E402
 from vidaccel.offline_planner.plan_file import LeMiCaPlan, PlanCreation, config_fingerprint  # noqa: E402
 from vidaccel.presets import resolve_preset  # noqa: E402
@@ -277,6 +276,7 @@ def test_text_encoder_format_reports_weight_bytes(demo):
     encoder = stats["text_encoder"]["text_encoder"]
     assert encoder["bytes_after"] < encoder["bytes_before"]
     assert "Text encoder weights (text_encoder)" in metrics
+    assert "text encoder: **text_encoder_quant** (method=int8)" in metrics
 
 
 def test_identical_videos_show_infinite_psnr(demo):
