@@ -1,0 +1,1 @@
+"""Data shipped with vidaccel: the reference model (assets/reference) and default LeMiCa plans."""
