@@ -9,7 +9,7 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt")
-    parser.add_argument("--preset", default="balanced",
+    parser.add_argument("--preset", default="dbcache",
                         help="preset name (see `vidaccel info`) or a preset JSON file")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", help="local diffusers model folder (default: the shipped reference model)")
