@@ -5,7 +5,6 @@ import dataclasses
 
 import numpy as np
 import pytest
-import torch
 
 import vidaccel
 from vidaccel.attention.dense import DenseAttention, DenseAttentionMethod

@@ -1,8 +1,6 @@
 """Radial Attention as a vidaccel method on the tiny pipelines."""
 
-import dataclasses
 
-import numpy as np
 import pytest
 import torch
 

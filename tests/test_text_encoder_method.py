@@ -1,6 +1,5 @@
 """TextEncoderQuant as a vidaccel method: quantized encoders in the pipeline, the prompt cache, exact removal."""
 
-import numpy as np
 import pytest
 import torch
 

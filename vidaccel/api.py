@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from .adapters import for_pipeline
@@ -20,7 +19,6 @@ class AccelHandle:
         self.adapter = adapter
         self.methods = methods
         self._attachments = attachments
-        self.applied_at = time.time()
         self.removed = False
 
     def stats(self) -> dict[str, Any]:

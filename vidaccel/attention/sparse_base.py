@@ -107,8 +107,6 @@ class SparseAttentionMethod(AttentionMethod):
 
     def _video_over_text(self, qv, kt, vt, call):
         lengths = self._text_lengths(call, kt.shape[1]).lengths
-        from ..kernels._block_layout import BlockLayout
-
         outs, lses = [], []
         batch_items = [(slice(None), lengths[0])] if len(set(lengths)) == 1 else \
             [(slice(b, b + 1), n) for b, n in enumerate(lengths)]

@@ -68,7 +68,7 @@ def _load(args: argparse.Namespace):
 
     if args.reference:
         try:
-            from ..reference import REFERENCE_CALL_DEFAULTS, reference_pipeline  # noqa: F401
+            from ..reference import GENERATION_DEFAULTS, reference_pipeline  # noqa: F401
         except ImportError as error:
             raise RuntimeError(
                 f"the reference model is not available in this vidaccel ({error}); use --model PATH or --tiny KIND"
