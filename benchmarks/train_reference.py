@@ -864,6 +864,15 @@ def write_model_card(assets_dir: Path, log_dir: Path, acceptance_path: Path) -> 
         }
         invocations = json.loads(log_path.read_text()).get("invocations", [])  # training runs only
         card["trained_on"] = sorted({i.get("gpu") or i["device"] for i in invocations})
+    # Shipped weights are often warm-started over several runs: summarise each run kept under runs/<name>/.
+    runs = {}
+    for run_log in sorted((log_dir / "runs").glob("*/training_log.json")):
+        run_stages = json.loads(run_log.read_text()).get("stages", {})
+        runs[run_log.parent.name] = {
+            name: {key: stage.get(key) for key in ("steps_done", "seconds", "batch", "lr")} for name, stage in run_stages.items()
+        }
+    if runs:
+        card["runs"] = runs
     if acceptance_path.is_file():
         result = json.loads(acceptance_path.read_text())
         locality = result.get("attention_locality", {})
