@@ -11,6 +11,7 @@ from .attention.dense import DenseAttention
 from .attention.radial_method import RadialAttention
 from .caching import DBCache, LeMiCa
 from .errors import AlreadyAcceleratedError, UnsupportedPipelineError
+from .preset_files import load_preset_file, save_preset_file
 from .presets import Preset, list_presets
 from .text_encoder import TextEncoderQuant
 
@@ -18,5 +19,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AccelHandle", "AlreadyAcceleratedError", "DBCache", "DenseAttention", "LeMiCa", "Preset", "RadialAttention",
-    "TextEncoderQuant", "UnsupportedPipelineError", "active_handle", "apply", "list_presets", "__version__",
+    "TextEncoderQuant", "UnsupportedPipelineError", "active_handle", "apply", "list_presets", "load_preset_file",
+    "save_preset_file", "__version__",
 ]

@@ -8,7 +8,7 @@ from .adapters import for_pipeline
 from .context import STEP_CONTEXT_HOOK, StepContextHook
 from .errors import AlreadyAcceleratedError
 from .hooks import HookAttachment
-from .presets import Preset, resolve_preset
+from .presets import Preset, preset_family, resolve_preset
 
 class AccelHandle:
     """What `apply` returns: `stats()`, `remove()`, and a context manager that removes on exit."""
@@ -60,12 +60,14 @@ class AccelHandle:
 
 
 def apply(pipe: Any, preset: "str | Preset" = "dense") -> AccelHandle:
-    """Accelerate `pipe` in place with `preset` (a name from `vidaccel.list_presets()` or a `vidaccel.Preset`).
+    """Accelerate `pipe` in place with `preset` (a name from `vidaccel.list_presets()`, a `vidaccel.Preset`, or
+    the path of a preset JSON file).
 
     Returns a handle; `handle.remove()` puts every original module, processor and hook back.
     """
-    preset = resolve_preset(preset)
+    preset = resolve_preset(preset)  # a bad preset fails before the pipeline is looked at
     adapter = for_pipeline(pipe)
+    preset = preset.for_family(preset_family(adapter))  # per-family parameters of the combined presets
     existing = active_handle(pipe)
     if existing is not None:
         raise AlreadyAcceleratedError(

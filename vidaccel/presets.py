@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import os
 from typing import Any, Callable, Optional
 
 from .attention.dense import DenseAttention
@@ -19,6 +21,13 @@ class Preset:
     cache: Optional[MethodConfig] = None
     text_encoder: Optional[MethodConfig] = None
     name: str = "custom"
+    # The model family these parameters were chosen for (None: any). Not part of equality: it says where the
+    # numbers came from, not what runs.
+    family: Optional[str] = dataclasses.field(default=None, compare=False)
+    # Family-tuned presets (the combined ones): `apply` calls this with the pipeline's family to get the
+    # parameters of that family. None: the preset is the same for every family.
+    family_factory: Optional[Callable[[str], "Preset"]] = dataclasses.field(default=None, compare=False,
+                                                                             repr=False)
 
     def __post_init__(self):
         for role in ("attention", "cache", "text_encoder"):
@@ -34,18 +43,122 @@ class Preset:
         return [c for c in (self.text_encoder, self.attention, self.cache) if c is not None]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "name": self.name,
             **{role: (getattr(self, role).to_dict() if getattr(self, role) is not None else None)
                for role in ("attention", "cache", "text_encoder")},
         }
+        if self.family is not None:
+            out["family"] = self.family
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Preset":
+        """A preset from its preset-file dictionary (see `vidaccel.preset_files`)."""
+        from .preset_files import preset_from_dict
+
+        return preset_from_dict(data)
+
+    def for_family(self, family: str) -> "Preset":
+        """This preset with the parameters chosen for `family` (itself when it has no per-family parameters)."""
+        if self.family_factory is None or self.family == family:
+            return self
+        return self.family_factory(family)
 
 
-# Named presets. Each exists only once every method in it is implemented.
-_PRESETS: dict[str, Callable[[], Preset]] = {
+# --- combined presets -----------------------------------------------------------------------------------------
+# Radial attention + DBCache + int8 text encoder, with parameters per model family. Families: "wan" (Wan 2.1
+# T2V/I2V), "wan2.2" (two experts), "hunyuan", "cogvideox" (see `preset_family`). Every number of a combined
+# preset lives in this one table, written in the preset-file format (`vidaccel.preset_files`).
+#
+# Where the numbers come from: NOT yet measured per family. They are the methods' authors' settings
+# (Radial: ~25% dense warm-up steps and the first layer dense; DBCache: cache-dit's F8B0 with warm-up 8 and
+# thresholds 0.05-0.12 for quality-preserving runs, larger with TaylorSeer for speed) and our H100 cost
+# measurements of each method alone (benchmarks/RESULTS.md). Replace them with the winners of
+# `vidaccel tune` / benchmarks/bench_presets_e2e.py on each family and note the run here.
+# Wan 2.2 and its two experts: DBCache warm-up counts the calls of each expert and CFG branch, and the
+# high-noise expert serves only the first ~1/8 of the steps, so its warm-up is shorter.
+_INT8_TEXT = {"method": "text_encoder_quant", "format": "int8"}
+COMBINED_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "quality": {
+        "wan": {"attention": {"method": "radial", "dense_warmup": 0.25, "dense_layers": 1},
+                "cache": {"method": "dbcache", "threshold": 0.06, "warmup_steps": 8, "max_consecutive_cached": 2},
+                "text_encoder": _INT8_TEXT},
+        "wan2.2": {"attention": {"method": "radial", "dense_warmup": 0.25, "dense_layers": 1},
+                   "cache": {"method": "dbcache", "threshold": 0.06, "warmup_steps": 4,
+                             "max_consecutive_cached": 2},
+                   "text_encoder": _INT8_TEXT},
+        "hunyuan": {"attention": {"method": "radial", "dense_warmup": 0.25, "dense_layers": 1},
+                    "cache": {"method": "dbcache", "threshold": 0.06, "warmup_steps": 8,
+                              "max_consecutive_cached": 2},
+                    "text_encoder": _INT8_TEXT},
+        "cogvideox": {"attention": {"method": "radial", "dense_warmup": 0.25, "dense_layers": 1},
+                      "cache": {"method": "dbcache", "threshold": 0.05, "warmup_steps": 8,
+                                "max_consecutive_cached": 2},
+                      "text_encoder": _INT8_TEXT},
+    },
+    "balanced": {
+        "wan": {"attention": {"method": "radial", "dense_warmup": 0.2, "dense_layers": 1},
+                "cache": {"method": "dbcache", "threshold": 0.12, "warmup_steps": 6, "max_consecutive_cached": 3},
+                "text_encoder": _INT8_TEXT},
+        "wan2.2": {"attention": {"method": "radial", "dense_warmup": 0.2, "dense_layers": 1},
+                   "cache": {"method": "dbcache", "threshold": 0.12, "warmup_steps": 3,
+                             "max_consecutive_cached": 3},
+                   "text_encoder": _INT8_TEXT},
+        "hunyuan": {"attention": {"method": "radial", "dense_warmup": 0.2, "dense_layers": 1},
+                    "cache": {"method": "dbcache", "threshold": 0.12, "warmup_steps": 6,
+                              "max_consecutive_cached": 3},
+                    "text_encoder": _INT8_TEXT},
+        "cogvideox": {"attention": {"method": "radial", "dense_warmup": 0.2, "dense_layers": 1},
+                      "cache": {"method": "dbcache", "threshold": 0.1, "warmup_steps": 6,
+                                "max_consecutive_cached": 3},
+                      "text_encoder": _INT8_TEXT},
+    },
+    "fast": {
+        "wan": {"attention": {"method": "radial", "dense_warmup": 0.12, "dense_layers": 1},
+                "cache": {"method": "dbcache", "threshold": 0.2, "warmup_steps": 4, "taylorseer_order": 1},
+                "text_encoder": _INT8_TEXT},
+        "wan2.2": {"attention": {"method": "radial", "dense_warmup": 0.12, "dense_layers": 1},
+                   "cache": {"method": "dbcache", "threshold": 0.2, "warmup_steps": 2, "taylorseer_order": 1},
+                   "text_encoder": _INT8_TEXT},
+        "hunyuan": {"attention": {"method": "radial", "dense_warmup": 0.12, "dense_layers": 1},
+                    "cache": {"method": "dbcache", "threshold": 0.2, "warmup_steps": 4, "taylorseer_order": 1},
+                    "text_encoder": _INT8_TEXT},
+        "cogvideox": {"attention": {"method": "radial", "dense_warmup": 0.12, "dense_layers": 1},
+                      "cache": {"method": "dbcache", "threshold": 0.16, "warmup_steps": 4, "taylorseer_order": 1},
+                      "text_encoder": _INT8_TEXT},
+    },
+}
+# Used before the pipeline is known (listing, `vidaccel generate` checking its argument); `apply` re-resolves
+# with the pipeline's family.
+DEFAULT_FAMILY = "wan"
+
+
+def preset_family(adapter) -> str:
+    """The family key of a pipeline's parameters: the adapter's family, with Wan 2.2 (two experts) apart."""
+    if adapter.family == "wan" and len(adapter.transformers()) > 1:
+        return "wan2.2"
+    return adapter.family
+
+
+def combined_preset(name: str, family: Optional[str] = None) -> Preset:
+    """Combined preset `name` with the parameters of `family` (unknown families get the default family's)."""
+    from .preset_files import preset_from_dict
+
+    table = COMBINED_PRESETS[name]
+    chosen = family if family in table else DEFAULT_FAMILY
+    preset = preset_from_dict({"vidaccel_preset": 1, "name": name, **table[chosen]})
+    return dataclasses.replace(preset, family=chosen,
+                               family_factory=lambda other: combined_preset(name, other))
+
+
+# Named presets. Each exists only once every method in it is implemented. A factory may take a `family`
+# keyword (the pipeline's `preset_family`); the preset it returns must then carry a `family_factory`.
+_PRESETS: dict[str, Callable[..., Preset]] = {
     "dense": lambda: Preset(attention=DenseAttention(), name="dense"),
     "radial": lambda: Preset(attention=RadialAttention(), name="radial"),
     "dbcache": lambda: Preset(cache=DBCache(), name="dbcache"),
+    **{name: (lambda family=None, name=name: combined_preset(name, family)) for name in COMBINED_PRESETS},
 }
 
 
@@ -57,11 +170,29 @@ def list_presets() -> list[str]:
     return sorted(_PRESETS)
 
 
-def resolve_preset(preset: "str | Preset") -> Preset:
+def _takes_family(factory: Callable[..., Preset]) -> bool:
+    try:
+        return "family" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def resolve_preset(preset: "str | os.PathLike | Preset", family: Optional[str] = None) -> Preset:
+    """A `Preset` from a preset, a preset name, or the path of a preset JSON file (a name ending in ``.json`` or
+    an existing file). `family` picks the per-family parameters of the combined presets."""
     if isinstance(preset, Preset):
-        return preset
+        return preset.for_family(family) if family is not None else preset
+    if isinstance(preset, os.PathLike):
+        preset = os.fspath(preset)
     if isinstance(preset, str):
         if preset in _PRESETS:
-            return _PRESETS[preset]()
-        raise ValueError(f"unknown vidaccel preset {preset!r}; valid presets: {', '.join(list_presets())}")
-    raise TypeError(f"preset must be a preset name or a vidaccel.Preset, got {type(preset).__name__}")
+            factory = _PRESETS[preset]
+            return factory(family=family) if _takes_family(factory) else factory()
+        if preset.lower().endswith(".json") or os.path.isfile(preset):
+            from .preset_files import load_preset_file
+
+            return load_preset_file(preset)
+        raise ValueError(f"unknown vidaccel preset {preset!r}; valid presets: {', '.join(list_presets())} "
+                         "(or the path of a preset .json file)")
+    raise TypeError(f"preset must be a preset name, a preset file path or a vidaccel.Preset, "
+                    f"got {type(preset).__name__}")
