@@ -1,0 +1,467 @@
+"""Variable-block sparse attention (Triton) for Sparse VideoGen2, its launch plan and a plain-PyTorch reference.
+
+Inputs are already permuted so that every query cluster and every key cluster occupies a contiguous token range
+(``q_offsets`` / ``k_offsets``, cumulative). ``selected[b, h, i, j]`` says that query cluster ``i`` attends to the
+tokens of key cluster ``j``. The result is exactly dense softmax attention under the token mask
+``M[r, c] = selected[qcluster(r), kcluster(c)]``: rows whose cluster selects nothing get output 0 and
+log-sum-exp -inf.
+
+Query side. Each program owns one query tile of at most ``block_m`` rows that lies inside ONE query cluster, so
+every row of the tile has the same key set and the hot loop needs no per-element mask. (The alternative, fixed
+tiles over the permuted sequence with a per-element mask where a tile spans clusters, would make each tile visit
+the union of its clusters' key sets: with clusters of ~80-330 tokens a 128-row tile spans 1.4-2.6 clusters and
+the union costs far more than the padding rows of per-cluster tiles.) A cluster of ``s`` tokens takes
+``ceil(s / block_m)`` tiles, so the grid has at most ``ceil(Nq / block_m) + Cq`` tiles per head; the schedule is
+built on device and unused programs exit at once. Tiles run heaviest first (most keys) so the tail holds light
+work.
+
+Key side. Adjacent selected key clusters (empty clusters between them do not break adjacency) are merged into
+one contiguous token run. ``key_mode="packed"`` (default) concatenates a query cluster's runs into one virtual
+key sequence and walks it in full ``BLOCK_N`` tiles, gathering each tile's rows (a vectorised binary search over
+the run start positions maps a packed position to its token): only the last tile of the whole key set is
+partial, however small and scattered the clusters are. ``key_mode="ranges"`` walks each run with contiguous
+tiles and a masked tail per run: no search, but every run pays a partial tile (useful when runs are long).
+FlashAttention-2 online softmax as in ``block_sparse_attention`` (exp2, fp32 accumulation, same step function);
+LSE is natural-log fp32 (B, H, Nq), the convention of ``block_sparse_attention.merge_attention_partials``.
+Loads go through pointers (gathered rows cannot use TMA tiles on Hopper).
+
+No host synchronisation: the plan is built with torch ops on device and the grid size depends on shapes only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .block_sparse_attention import _INTERPRETED, _LOG2E, _softmax_step, merge_attention_partials
+
+__all__ = [
+    "SUPPORTED_HEAD_DIMS",
+    "VarBlockConfig",
+    "VarBlockPlan",
+    "build_varblock_plan",
+    "max_query_tiles",
+    "merge_attention_partials",
+    "varblock_density",
+    "varblock_sparse_attention",
+    "varblock_sparse_attention_reference",
+    "varblock_token_mask",
+]
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+KEY_MODES = {"packed": 0, "ranges": 1}
+_INT32_MAX = 2**31 - 1
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Triton kernel
+# ------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _packed_to_tokens(cum_row, start_row, pos, num_k_clusters, LOG_R: tl.constexpr):
+    """Token index of each packed key position. ``cum_row[r]`` is where run ``r`` begins in the packed sequence
+    (nondecreasing, ``cum_row[0] == 0``, entries past the last run equal the total); a branch-free binary search
+    finds the largest ``r`` with ``cum_row[r] <= pos``. Positions must be < the total."""
+    r = tl.zeros_like(pos)
+    for step in tl.static_range(LOG_R):
+        cand = r + (1 << (LOG_R - 1 - step))
+        c = tl.load(cum_row + cand, mask=cand <= num_k_clusters, other=2147483647)
+        r = tl.where(c <= pos, cand, r)
+    return tl.load(start_row + r) + (pos - tl.load(cum_row + r))
+
+
+@triton.jit
+def _varblock_attn_fwd(
+    Q, K, V, O, LSE,
+    Q_OFF, TILE_CLUSTER, TILE_ROW, RANGE_START, RANGE_CUM, KEY_COUNT, NUM_RUNS,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_ob, stride_oh, stride_os, stride_od,
+    heads, q_len, num_q_clusters, num_k_clusters, num_tiles, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, LOG_R: tl.constexpr, KEY_MODE: tl.constexpr,
+    STORE_LSE: tl.constexpr, IEEE_DOT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    slot = tl.program_id(0)
+    bh = tl.program_id(1)
+    cluster = tl.load(TILE_CLUSTER + bh.to(tl.int64) * num_tiles + slot)
+    if cluster < 0:  # the grid is sized for the worst case; this slot has no tile
+        return
+    row0 = tl.load(TILE_ROW + bh.to(tl.int64) * num_tiles + slot)
+    row_end = tl.load(Q_OFF + bh.to(tl.int64) * (num_q_clusters + 1) + cluster + 1)
+    b = bh // heads
+    h = bh % heads
+
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < row_end
+
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+
+    # Rows of the next cluster are read as zeros and never stored.
+    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    all_cols = offs_n < BLOCK_N
+
+    cq = bh.to(tl.int64) * num_q_clusters + cluster
+    total = tl.load(KEY_COUNT + cq)
+    cum_row = RANGE_CUM + cq * (num_k_clusters + 1)
+    start_row = RANGE_START + cq * num_k_clusters
+
+    if KEY_MODE == 0:
+        # Packed: full tiles of the concatenated runs (rows gathered), then one masked tail.
+        n_full = total // BLOCK_N
+        for t in range(0, n_full):
+            tok = _packed_to_tokens(cum_row, start_row, t * BLOCK_N + offs_n, num_k_clusters, LOG_R)
+            k = tl.load(k_base + tok[:, None] * stride_ks + offs_d[None, :] * stride_kd)
+            v = tl.load(v_base + tok[:, None] * stride_vs + offs_d[None, :] * stride_vd)
+            acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, all_cols, False, IEEE_DOT)
+        if n_full * BLOCK_N < total:
+            pos = n_full * BLOCK_N + offs_n
+            col_ok = pos < total
+            tok = _packed_to_tokens(cum_row, start_row, tl.minimum(pos, total - 1), num_k_clusters, LOG_R)
+            k = tl.load(k_base + tok[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=col_ok[:, None],
+                        other=0.0)
+            v = tl.load(v_base + tok[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=col_ok[:, None],
+                        other=0.0)
+            acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, col_ok, True, IEEE_DOT)
+    else:
+        # Ranges: each run with contiguous full tiles, then its masked tail.
+        runs = tl.load(NUM_RUNS + cq)
+        for r in range(0, runs):
+            run_start = tl.load(start_row + r)
+            run_len = tl.load(cum_row + r + 1) - tl.load(cum_row + r)
+            n_full = run_len // BLOCK_N
+            for t in range(0, n_full):
+                cols = run_start + t * BLOCK_N + offs_n
+                k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :] * stride_kd)
+                v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd)
+                acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, all_cols, False, IEEE_DOT)
+            if n_full * BLOCK_N < run_len:
+                local = n_full * BLOCK_N + offs_n
+                col_ok = local < run_len
+                cols = run_start + local
+                k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=col_ok[:, None],
+                            other=0.0)
+                v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=col_ok[:, None],
+                            other=0.0)
+                acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, col_ok, True, IEEE_DOT)
+
+    # Rows that saw no key (the cluster selects nothing) have l_i == 0: output 0, lse -inf.
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    if STORE_LSE:
+        lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+        tl.store(LSE + bh.to(tl.int64) * q_len + offs_m, lse, mask=row_ok)
+    o_ptrs = o_base + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Launch configuration
+# ------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class VarBlockConfig:
+    """Key tile width and scheduling knobs of one launch (the query tile ``block_m`` is part of the plan)."""
+
+    block_n: int = 64
+    num_warps: int = 8
+    num_stages: int = 2
+    maxnreg: Optional[int] = None  # register cap, e.g. to fit two CTAs per SM
+
+    def launch_options(self) -> dict:
+        options = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        if self.maxnreg is not None:
+            options["maxnreg"] = self.maxnreg
+        return options
+
+    def as_triton(self) -> triton.Config:
+        return triton.Config({"BLOCK_N": self.block_n}, **self.launch_options())
+
+
+# Tuned once per (head_dim, block_m, dtype class, key mode, search depth), never per token count. The 128x64
+# register-capped tile is the one that fits two CTAs per SM in block_sparse_attention (best on H100 there);
+# gathered loads add index registers, so uncapped and 3-stage variants stay candidates.
+_TUNING_CANDIDATES = {
+    128: [VarBlockConfig(64, 8, 2, 128), VarBlockConfig(64, 8, 3), VarBlockConfig(128, 8, 2),
+          VarBlockConfig(64, 8, 2)],
+    64: [VarBlockConfig(64, 4, 2), VarBlockConfig(64, 4, 3), VarBlockConfig(128, 4, 2)],
+}
+
+
+def _config_key(c: triton.Config) -> tuple:
+    return c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, getattr(c, "maxnreg", None)
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    block_m = {**named_args, **kwargs}["BLOCK_M"]
+    wanted = {_config_key(c.as_triton()) for c in _TUNING_CANDIDATES.get(block_m, _OTHER_BLOCK_M_CANDIDATES)}
+    return [c for c in configs if _config_key(c) in wanted] or configs[:1]
+
+
+_OTHER_BLOCK_M_CANDIDATES = [VarBlockConfig(32, 4, 2)]
+_ALL_CANDIDATES = list(dict.fromkeys(
+    [c for group in _TUNING_CANDIDATES.values() for c in group] + _OTHER_BLOCK_M_CANDIDATES))
+_varblock_attn_fwd_tuned = triton.autotune(
+    configs=[c.as_triton() for c in _ALL_CANDIDATES],
+    key=["HEAD_DIM", "BLOCK_M", "LOG_R", "KEY_MODE", "IEEE_DOT"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)(_varblock_attn_fwd)
+
+
+def _default_block_m(q: torch.Tensor) -> int:
+    return 128 if q.is_cuda else 16
+
+
+_INTERPRETER_CONFIG = VarBlockConfig(16, 4, 1)  # small tiles keep the interpreter fast
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Plan (built on device, no host sync)
+# ------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class VarBlockPlan:
+    """Tile schedule and per-query-cluster key runs of one call (shapes depend on sizes only)."""
+
+    tile_cluster: torch.Tensor  # int32 (B*H, T): query cluster of each tile slot, -1 for unused slots
+    tile_row: torch.Tensor  # int32 (B*H, T): first (permuted) query row of the tile
+    range_start: torch.Tensor  # int32 (B*H, Cq, Ck): first token of each merged key run, 0 past the last run
+    range_cum: torch.Tensor  # int32 (B*H, Cq, Ck + 1): packed start of each run; entries past the last = total
+    key_count: torch.Tensor  # int32 (B*H, Cq): selected key tokens of each query cluster
+    num_runs: torch.Tensor  # int32 (B*H, Cq)
+    block_m: int
+
+    @property
+    def num_tiles(self) -> int:
+        return self.tile_cluster.shape[1]
+
+
+
+def max_query_tiles(q_len: int, num_q_clusters: int, block_m: int) -> int:
+    """Upper bound on sum_c ceil(size_c / block_m) over clusters summing to q_len (shapes only)."""
+    return max(1, (q_len + num_q_clusters * (block_m - 1)) // block_m)
+
+
+def build_varblock_plan(q_offsets: torch.Tensor, k_offsets: torch.Tensor, selected: torch.Tensor, q_len: int,
+                        block_m: int) -> VarBlockPlan:
+    """Query-tile schedule and merged key runs, with torch ops on the inputs' device (no host sync)."""
+    B, H, cq1 = q_offsets.shape
+    num_q_clusters, num_k_clusters = cq1 - 1, k_offsets.shape[-1] - 1
+    bh = B * H
+    dev = q_offsets.device
+    qo = q_offsets.reshape(bh, num_q_clusters + 1).to(torch.int64)
+    ko = k_offsets.reshape(bh, 1, num_k_clusters + 1)
+    sel = selected.reshape(bh, num_q_clusters, num_k_clusters)
+    full = (bh, num_q_clusters, num_k_clusters)
+
+    # -- merged key runs per query cluster ----------------------------------------------------------------------
+    k_start, k_end = ko[..., :-1], ko[..., 1:]
+    kept = sel & (k_end > k_start)  # empty clusters add no tokens and do not break adjacency
+    # End of the closest kept cluster before each one (offsets are nondecreasing, so a running max finds it).
+    prev_end = torch.cummax(torch.where(kept, k_end, torch.full_like(k_end, -1)), dim=-1).values
+    prev_end = torch.cat([torch.full_like(prev_end[..., :1], -1), prev_end[..., :-1]], dim=-1)
+    run_begins = kept & (prev_end != k_start)
+    run_id = torch.cumsum(run_begins, dim=-1, dtype=torch.int32) - 1
+    spare = torch.full_like(run_id, num_k_clusters)  # scatter target of entries that are dropped
+    wide = (bh, num_q_clusters, num_k_clusters + 1)
+    range_start = torch.zeros(wide, dtype=torch.int32, device=dev)
+    range_start.scatter_(-1, torch.where(run_begins, run_id, spare).long(), k_start.to(torch.int32).expand(full))
+    range_end = torch.zeros(wide, dtype=torch.int32, device=dev)
+    range_end.scatter_reduce_(-1, torch.where(kept, run_id, spare).long(), k_end.to(torch.int32).expand(full),
+                              reduce="amax", include_self=True)
+    range_start = range_start[..., :num_k_clusters].contiguous()
+    lengths = range_end[..., :num_k_clusters] - range_start  # 0 past the last run
+    range_cum = torch.zeros(wide, dtype=torch.int32, device=dev)
+    range_cum[..., 1:] = torch.cumsum(lengths, dim=-1, dtype=torch.int32)
+    key_count = range_cum[..., -1].contiguous()
+    num_runs = run_begins.sum(dim=-1, dtype=torch.int32)
+
+    # -- query tiles: ceil(size / block_m) per cluster, into a fixed number of slots ----------------------------
+    sizes = qo[:, 1:] - qo[:, :-1]
+    tiles = (sizes + block_m - 1) // block_m
+    tile_end = torch.cumsum(tiles, dim=-1).contiguous()
+    slots_n = max_query_tiles(q_len, num_q_clusters, block_m)
+    slots = torch.arange(slots_n, device=dev, dtype=torch.int64).expand(bh, slots_n).contiguous()
+    cluster = torch.searchsorted(tile_end, slots, right=True)  # == Cq for unused slots
+    used = cluster < num_q_clusters
+    cluster_c = cluster.clamp(max=num_q_clusters - 1)
+    first_tile = (tile_end - tiles).gather(-1, cluster_c)
+    row = qo.gather(-1, cluster_c) + (slots - first_tile) * block_m
+    # Heaviest tiles (most keys) first, unused slots last.
+    weight = torch.where(used, key_count.gather(-1, cluster_c).to(torch.int64), torch.full_like(cluster, -1))
+    order = torch.argsort(weight, dim=-1, descending=True, stable=True)
+    tile_cluster = torch.where(used, cluster, torch.full_like(cluster, -1)).gather(-1, order).to(torch.int32)
+    tile_row = torch.where(used, row, torch.zeros_like(row)).gather(-1, order).to(torch.int32)
+    return VarBlockPlan(tile_cluster.contiguous(), tile_row.contiguous(), range_start, range_cum.contiguous(),
+                        key_count, num_runs.contiguous(), block_m)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Validation
+# ------------------------------------------------------------------------------------------------------------
+def _validate(q, k, v, q_offsets, k_offsets, selected, *, check_values: bool, for_kernel: bool):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4D (batch, heads, tokens, head_dim) tensor, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"q, k, v must share one dtype of float16/bfloat16/float32, got {q.dtype}, {k.dtype}, "
+                         f"{v.dtype}")
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    if tuple(k.shape) != (B, H, Nk, D) or tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: "
+                         f"expected q (B, H, Nq, D) and k, v (B, H, Nk, D)")
+    if Nq < 1 or Nk < 1:
+        raise ValueError(f"q and k need at least one token, got Nq={Nq}, Nk={Nk}")
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"varblock_sparse_attention: head_dim={D} (q shape {tuple(q.shape)}) is not supported; "
+                         f"supported head dims are {SUPPORTED_HEAD_DIMS}. Use dense attention for this shape.")
+    for name, off, n in (("q_offsets", q_offsets, Nq), ("k_offsets", k_offsets, Nk)):
+        if not isinstance(off, torch.Tensor) or off.dtype != torch.int32 or off.dim() != 3 \
+                or tuple(off.shape[:2]) != (B, H) or off.shape[2] < 2:
+            raise ValueError(f"{name} must be an int32 (B={B}, H={H}, clusters + 1) tensor of cumulative offsets, "
+                             f"got {off.dtype if isinstance(off, torch.Tensor) else type(off).__name__} "
+                             f"{tuple(off.shape) if isinstance(off, torch.Tensor) else ''}")
+    Cq, Ck = q_offsets.shape[2] - 1, k_offsets.shape[2] - 1
+    if not isinstance(selected, torch.Tensor) or selected.dtype != torch.bool \
+            or tuple(selected.shape) != (B, H, Cq, Ck):
+        raise ValueError(f"selected must be a bool (B, H, Cq, Ck) = {(B, H, Cq, Ck)} tensor (from q_offsets / "
+                         f"k_offsets), got {selected.dtype if isinstance(selected, torch.Tensor) else selected!r} "
+                         f"{tuple(selected.shape) if isinstance(selected, torch.Tensor) else ''}")
+    devices = {t.device for t in (q, k, v, q_offsets, k_offsets, selected)}
+    if len(devices) != 1:
+        raise ValueError(f"all inputs must be on one device, got {sorted(str(d) for d in devices)}")
+    if check_values:
+        for name, off, n in (("q_offsets", q_offsets, Nq), ("k_offsets", k_offsets, Nk)):
+            if bool((off[..., 0] != 0).any()) or bool((off[..., -1] != n).any()):
+                raise ValueError(f"{name} must start at 0 and end at the token count {n} for every (batch, head); "
+                                 f"got first {off[..., 0].unique().tolist()} and last {off[..., -1].unique().tolist()}")
+            if bool((off[..., 1:] < off[..., :-1]).any()):
+                raise ValueError(f"{name} must be nondecreasing (cumulative cluster sizes)")
+    if for_kernel:
+        if q.device.type == "cpu" and not _INTERPRETED:
+            raise ValueError("varblock_sparse_attention runs on CPU tensors only under TRITON_INTERPRET=1 (set before "
+                             "the kernels are imported); use varblock_sparse_attention_reference on CPU otherwise")
+        largest = max(max(Nq, Nk) * abs(t.stride(2)) + D * abs(t.stride(3)) for t in (q, k, v))
+        if largest >= 2**31:
+            raise ValueError(f"per-head token offsets ({largest}) overflow int32; use dense attention")
+    return B, H, Nq, Nk, D, Cq, Ck
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Public API
+# ------------------------------------------------------------------------------------------------------------
+def _forward(q, k, v, q_offsets, k_offsets, selected, sm_scale=None, return_lse=False, *, key_mode="packed",
+             block_m: Optional[int] = None, config: Optional[VarBlockConfig] = None,
+             check_offsets: Optional[bool] = None, plan: Optional[VarBlockPlan] = None):
+    if key_mode not in KEY_MODES:
+        raise ValueError(f"key_mode must be one of {sorted(KEY_MODES)}, got {key_mode!r}")
+    check = (q.device.type == "cpu") if check_offsets is None else bool(check_offsets)
+    B, H, Nq, Nk, D, Cq, Ck = _validate(q, k, v, q_offsets, k_offsets, selected, check_values=check,
+                                        for_kernel=True)
+    sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
+    if not sm_scale > 0:
+        raise ValueError(f"sm_scale must be positive, got {sm_scale}")
+    block_m = _default_block_m(q) if block_m is None else int(block_m)
+    if block_m < 16 or block_m & (block_m - 1):
+        raise ValueError(f"block_m must be a power of two >= 16, got {block_m}")
+    if plan is None:
+        plan = build_varblock_plan(q_offsets, k_offsets, selected, Nq, block_m)
+    elif plan.block_m != block_m:
+        raise ValueError(f"plan was built for block_m={plan.block_m}, not {block_m}")
+
+    out = torch.empty((B, H, Nq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device) if return_lse else out
+    q_off = q_offsets.reshape(B * H, Cq + 1).contiguous()
+    args = (q, k, v, out, lse, q_off, plan.tile_cluster, plan.tile_row, plan.range_start, plan.range_cum,
+            plan.key_count, plan.num_runs, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            H, Nq, Cq, Ck, plan.num_tiles, sm_scale * _LOG2E)
+    meta = dict(HEAD_DIM=D, BLOCK_M=block_m, LOG_R=max(1, Ck.bit_length()), KEY_MODE=KEY_MODES[key_mode],
+                STORE_LSE=return_lse, IEEE_DOT=q.dtype == torch.float32)
+    grid = (plan.num_tiles, B * H)
+    if config is None and not q.is_cuda:
+        config = _INTERPRETER_CONFIG
+    if config is not None:
+        _varblock_attn_fwd[grid](*args, **meta, BLOCK_N=config.block_n, **config.launch_options())
+    else:
+        _varblock_attn_fwd_tuned[grid](*args, **meta)
+    return out, (lse if return_lse else None)
+
+
+def varblock_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets: torch.Tensor,
+                              k_offsets: torch.Tensor, selected: torch.Tensor, *, sm_scale: Optional[float] = None,
+                              return_lse: bool = False, key_mode: str = "packed", block_m: Optional[int] = None,
+                              check_offsets: Optional[bool] = None):
+    """Sparse attention of clustered (permuted) tokens: query cluster ``i`` sees the keys of every key cluster
+    ``j`` with ``selected[b, h, i, j]``.
+
+    q: (B, H, Nq, D), k/v: (B, H, Nk, D), fp16/bf16/fp32, any strides. q_offsets (B, H, Cq + 1) / k_offsets
+    (B, H, Ck + 1): int32 cumulative cluster offsets (first 0, last Nq / Nk; empty clusters allowed).
+    selected: bool (B, H, Cq, Ck). Returns out (B, H, Nq, D) in q's dtype, or (out, lse) with the natural-log
+    float32 log-sum-exp (B, H, Nq) (-inf and output 0 for rows whose cluster selects nothing), mergeable with
+    ``merge_attention_partials``.
+
+    ``key_mode``: "packed" (default; gathered full key tiles) or "ranges" (contiguous tiles per merged run).
+    ``block_m``: query tile rows (128 on GPU). ``check_offsets``: verify offset values (first 0, last N,
+    nondecreasing); this reads them on the host, so the default does it only for CPU tensors.
+    Raises ValueError for inputs it does not support (the caller should then use dense attention).
+    """
+    out, lse = _forward(q, k, v, q_offsets, k_offsets, selected, sm_scale, return_lse, key_mode=key_mode,
+                        block_m=block_m, check_offsets=check_offsets)
+    return (out, lse) if return_lse else out
+
+
+def _token_clusters(offsets: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, H, n) int64 cluster of every token (empty clusters own no token)."""
+    ends = offsets[..., 1:].to(torch.int64).contiguous()
+    tokens = torch.arange(n, device=offsets.device, dtype=torch.int64).expand(*ends.shape[:2], n).contiguous()
+    return torch.searchsorted(ends, tokens, right=True)
+
+
+def varblock_token_mask(q_offsets: torch.Tensor, k_offsets: torch.Tensor, selected: torch.Tensor, q_len: int,
+                        kv_len: int) -> torch.Tensor:
+    """Boolean (B, H, Nq, Nk) token mask M[r, c] = selected[qcluster(r), kcluster(c)] (small sizes only)."""
+    q_cl = _token_clusters(q_offsets, q_len)
+    k_cl = _token_clusters(k_offsets, kv_len)
+    Ck = selected.shape[-1]
+    rows = torch.gather(selected, 2, q_cl.unsqueeze(-1).expand(-1, -1, -1, Ck))  # (B, H, Nq, Ck)
+    return torch.gather(rows, 3, k_cl.unsqueeze(2).expand(-1, -1, q_len, -1))
+
+
+def varblock_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets: torch.Tensor,
+                                        k_offsets: torch.Tensor, selected: torch.Tensor, *,
+                                        sm_scale: Optional[float] = None, return_lse: bool = False):
+    """Dense masked softmax in float32 with exactly the semantics of `varblock_sparse_attention`.
+    Materialises (B, H, Nq, Nk): small sizes only. Checks offset values (reads them on the host)."""
+    B, H, Nq, Nk, D, Cq, Ck = _validate(q, k, v, q_offsets, k_offsets, selected, check_values=True,
+                                        for_kernel=False)
+    sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
+    mask = varblock_token_mask(q_offsets, k_offsets, selected, Nq, Nk)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * sm_scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.where(mask, torch.exp(scores - lse.unsqueeze(-1).clamp_min(torch.finfo(torch.float32).min)),
+                        torch.zeros((), dtype=torch.float32, device=q.device))
+    out = torch.matmul(probs, v.float()).to(q.dtype)
+    return (out, lse) if return_lse else out
+
+
+def varblock_density(q_offsets: torch.Tensor, k_offsets: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """(B, H) float32 kept fraction of the Nq x Nk token map (no host sync)."""
+    q_sizes = (q_offsets[..., 1:] - q_offsets[..., :-1]).double()
+    k_sizes = (k_offsets[..., 1:] - k_offsets[..., :-1]).double()
+    kept = torch.matmul(torch.matmul(q_sizes.unsqueeze(-2), selected.double()), k_sizes.unsqueeze(-1))
+    total = q_offsets[..., -1].double() * k_offsets[..., -1].double()
+    return (kept.squeeze(-1).squeeze(-1) / total).float()
