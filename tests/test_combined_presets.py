@@ -1,0 +1,149 @@
+"""Combined presets (attention + cache + text encoder): per-family parameters and composition invariants.
+
+The invariants are checked with exact counts from `handle.stats()`: every self-attention product of a
+transformer call is accounted for by the layers that call ran (all of them when computed; only the DBCache probe
+and corrector blocks when cached; none when LeMiCa skips the step), and its kind (dense warm-up step, dense layer,
+sparse) follows from the *real* denoising step, whether or not earlier steps were cached.
+"""
+
+import collections
+
+import pytest
+import torch
+
+import vidaccel
+from vidaccel import DBCache, LeMiCa, Preset, RadialAttention
+from vidaccel.attention.sparse_base import resolve_warmup
+from vidaccel.presets import COMBINED_PRESETS, preset_family, resolve_preset
+from vidaccel.testing import KINDS, tiny_call_kwargs
+
+COMBINED = tuple(COMBINED_PRESETS)
+FAMILY_OF_KIND = {"wan": "wan", "wan-i2v": "wan", "wan2.2": "wan2.2", "hunyuan": "hunyuan", "cogvideox": "cogvideox"}
+SPARSE_KINDS = ("sparse", "unsupported_shape")  # what a sparse method does on a layer past its dense warm-up
+
+
+def run(pipe, kind, steps=4, batch=1, **extra):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(**{**tiny_call_kwargs(kind, steps=steps, batch_size=batch), "output_type": "latent", **extra}).frames
+
+
+def expected_attention_calls(handle, steps):
+    """Per CFG branch: how many attention products of each kind the cache log implies."""
+    stats = handle.stats()
+    attention = handle.preset.attention
+    warmup = resolve_warmup(attention.dense_warmup, steps)
+    expected = collections.defaultdict(collections.Counter)
+    transformers = handle.adapter.transformers()
+    cache = stats.get("cache")
+    for name, transformer in transformers.items():
+        layers = len(handle.adapter.self_attention_modules(transformer))
+        if cache is None:
+            continue
+        split = cache.get("blocks", {}).get(name)  # DBCache: probe Fn and corrector Bn run on cached calls
+        for branch, log in cache["per_branch"].get(name, {}).items():
+            calls = [(step, False) for step in log["computed_steps"]] + [(step, True) for step in log["cached_steps"]]
+            for step, cached in calls:
+                if cached:
+                    run_layers = [] if split is None else \
+                        list(range(split["Fn"])) + list(range(layers - split["Bn"], layers))
+                else:
+                    run_layers = list(range(layers))
+                for layer in run_layers:
+                    if step < warmup:
+                        expected[branch]["dense_warmup_step"] += 1
+                    elif layer < attention.dense_layers:
+                        expected[branch]["dense_layer"] += 1
+                    else:
+                        expected[branch]["sparse"] += 1
+    return {branch: dict(counter) for branch, counter in expected.items()}
+
+
+def measured_attention_calls(handle):
+    out = {}
+    for branch, kinds in handle.stats()["attention"]["attention_calls"].items():
+        counter = collections.Counter()
+        for kind, count in kinds.items():
+            counter["sparse" if kind in SPARSE_KINDS else kind] += count
+        out[branch] = dict(counter)
+    return out
+
+
+def transformer_calls(handle):
+    return handle.stats()["steps"]["transformer_calls"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_combined_preset_runs_batch_two_cfg_and_remove_restores(kind, tiny_pipelines):
+    pipe = tiny_pipelines[kind]
+    stock = run(pipe, kind, batch=2)
+    for name in COMBINED:
+        with vidaccel.apply(pipe, name) as handle:
+            out = run(pipe, kind, batch=2)
+            stats = handle.stats()
+            assert handle.preset.family == FAMILY_OF_KIND[kind] == preset_family(handle.adapter)
+            assert handle.preset == resolve_preset(name, family=FAMILY_OF_KIND[kind])
+            assert measured_attention_calls(handle) == expected_attention_calls(handle, steps=4), name
+            cache = stats["cache"]
+            assert cache["computed"] + cache["cached"] == transformer_calls(handle)  # every call logged once
+            encoders = [entry for entry in stats["text_encoder"].values() if isinstance(entry, dict)]
+            assert encoders and all(entry["quantized_linear_layers"] > 0 for entry in encoders)
+        assert out.shape == stock.shape and torch.isfinite(out).all(), (kind, name)
+        torch.testing.assert_close(run(pipe, kind, batch=2), stock, rtol=0, atol=0)  # exact dense again
+
+
+@pytest.mark.parametrize("kind", ["wan", "wan2.2", "hunyuan", "cogvideox"])
+def test_cached_calls_run_only_the_probe_attention_and_stats_add_up(kind, tiny_pipelines):
+    """Forced DBCache caching under the quality preset's attention: cached calls run the probe layers only."""
+    pipe = tiny_pipelines[kind]
+    base = resolve_preset("quality", family=FAMILY_OF_KIND[kind])
+    preset = Preset(attention=RadialAttention(dense_warmup=1, dense_layers=1, block_size=64),
+                    cache=DBCache(threshold=1e9, warmup_steps=1), text_encoder=base.text_encoder, name="forced")
+    with vidaccel.apply(pipe, preset) as handle:
+        out = run(pipe, kind, batch=2)
+        cache = handle.stats()["cache"]
+        assert cache["cached"] > 0
+        assert measured_attention_calls(handle) == expected_attention_calls(handle, steps=4)
+        layers = len(handle.adapter.self_attention_modules(pipe.transformer))  # Wan 2.2's experts: same depth
+        total = sum(sum(kinds.values()) for kinds in measured_attention_calls(handle).values())
+        assert total < layers * transformer_calls(handle)  # cached calls skipped the middle layers' attention
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("kind", ["wan", "hunyuan", "cogvideox"])
+def test_lemica_skipped_steps_call_no_attention_and_warmup_counts_real_steps(kind, tiny_pipelines):
+    """Steps 0, 2, 3 computed, step 1 skipped; dense warm-up of 2 steps. Counted in real steps, step 2 is
+    sparse (counted in computed steps it would be dense)."""
+    pipe = tiny_pipelines[kind]
+    preset = Preset(attention=RadialAttention(dense_warmup=2, dense_layers=1, block_size=64),
+                    cache=LeMiCa(computed_steps=(0, 2, 3), num_inference_steps=4), name="lemica-radial")
+    with vidaccel.apply(pipe, preset) as handle:
+        run(pipe, kind)
+        stats = handle.stats()
+        layers = len(handle.adapter.self_attention_modules(pipe.transformer))
+        per_branch = stats["cache"]["per_branch"]["transformer"]
+        measured = measured_attention_calls(handle)
+    assert measured == expected_attention_calls(handle, steps=4)
+    for branch, log in per_branch.items():
+        assert log["computed_steps"] == [0, 2, 3] and log["cached_steps"] == [1]
+        assert measured[branch] == {"dense_warmup_step": layers, "dense_layer": 2, "sparse": 2 * (layers - 1)}
+
+
+def test_family_parameters_come_from_the_table(tiny_pipelines):
+    for name, table in COMBINED_PRESETS.items():
+        for family, entry in table.items():
+            preset = resolve_preset(name, family=family)
+            assert preset.family == family
+            assert preset.cache.threshold == entry["cache"]["threshold"]
+            assert preset.attention.dense_warmup == entry["attention"]["dense_warmup"]
+    # a Preset resolved early (as `vidaccel bench` does) still gets the pipeline's family at apply time
+    early = resolve_preset("fast")
+    assert early.family == "wan"
+    with vidaccel.apply(tiny_pipelines["cogvideox"], early) as handle:
+        assert handle.preset.family == "cogvideox"
+        assert handle.preset.cache.threshold == COMBINED_PRESETS["fast"]["cogvideox"]["cache"]["threshold"]
+    # an unknown family gets the default parameters rather than failing
+    assert resolve_preset("balanced", family="ltx") == resolve_preset("balanced", family="wan")
+
+
+def test_combined_presets_are_listed():
+    assert set(COMBINED) == {"quality", "balanced", "fast"} <= set(vidaccel.list_presets())
