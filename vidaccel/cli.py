@@ -16,6 +16,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("vidaccel.commands.plan", "measure LeMiCa segment errors and write one step plan per budget"),
     "text-encoder-eval": ("vidaccel.commands.text_encoder_eval",
                           "fidelity of a low-precision text encoder against fp32: per-token cosine and rel L2"),
+    "tune": ("vidaccel.commands.tune",
+             "search method settings and write the fastest preset that keeps a quality floor (preset JSON)"),
 }
 
 
