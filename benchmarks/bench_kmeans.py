@@ -1,0 +1,366 @@
+"""SVG2 clustering overhead on one GPU: k-means assignment/update, warm-started q+k clustering, cluster sort and
+q/k/v permutation, next to dense cuDNN attention of the same layer.
+
+For Wan 1.3B 480p (B1 H12 N32760 D128) and Wan 14B 720p (B1 H40 N75600 D128), with Cq query clusters and Ck key
+clusters per head, it times (CUDA events, median):
+  * kmeans_assign for q (Cq) and k (Ck), with achieved TFLOP/s, and a check against the PyTorch reference;
+  * kmeans_update (deterministic index_put_ and atomic index_add_), and whether two deterministic runs agree bitwise;
+  * one cold clustering of q and k (up to 50 iterations, stop when stable) and a 2-iteration warm-started one;
+  * cluster_permutation (stable sort + offsets) of q and k labels, permute_qkv (one launch), permute_tokens x3,
+    unpermute_tokens of the output, and the torch gather/scatter references;
+  * a plain-torch estimate of the cluster selection (centroid scores, size-weighted softmax, sort, top-p prefix);
+  * dense SDPA with the cuDNN backend (FlashAttention backend beside it).
+The summary gives the per-layer overhead (warm q+k k-means + sorts + permutations + selection estimate) as a
+fraction of dense attention; the SVG2 target is <= 15%. Inputs are synthetic clustered tokens (64 centres per
+head plus noise): timings of assignment, update and permutation do not depend on the values.
+
+    PYTHONPATH=$PWD python benchmarks/bench_kmeans.py --out benchmarks/results/kmeans.json     # H100, ~1-2 min
+    python benchmarks/bench_kmeans.py --smoke --out /tmp/kmeans_smoke.json                    # CPU, seconds
+
+Runs from a bare checkout (no install): the kernels are loaded from the repository folder if vidaccel is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+import types
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SHAPES = {
+    # name: (batch, heads, tokens, head_dim)
+    "wan1.3b_480p_81f": (1, 12, 32760, 128),
+    "wan14b_720p_81f": (1, 40, 75600, 128),
+    "smoke": (1, 2, 160, 32),
+}
+
+
+def _import_kernels():
+    """vidaccel.kernels.kmeans / cluster_permute, from an installed vidaccel or straight from the repository."""
+    try:
+        from vidaccel.kernels import cluster_permute, kmeans
+        return kmeans, cluster_permute
+    except Exception:  # bare checkout on a GPU box: no install, maybe no diffusers
+        pass
+    for name in [n for n in sys.modules if n == "vidaccel" or n.startswith("vidaccel.")]:
+        del sys.modules[name]
+    for name, folder in (("vidaccel", ROOT / "vidaccel"), ("vidaccel.kernels", ROOT / "kernels")):
+        module = types.ModuleType(name)
+        module.__path__ = [str(folder)]
+        sys.modules[name] = module
+    return (importlib.import_module("vidaccel.kernels.kmeans"),
+            importlib.import_module("vidaccel.kernels.cluster_permute"))
+
+
+def time_ms(fn, *, on_gpu: bool, target_ms: float = 300.0, min_reps: int = 3, max_reps: int = 50) -> float:
+    """Median of CUDA-event timings after a warm-up call; repetitions sized to about target_ms."""
+    if not on_gpu:  # CPU smoke runs (interpreter): wall clock of one call after a warm-up
+        fn()
+        times = []
+        for _ in range(1):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    estimate = max(start.elapsed_time(end), 1e-3)
+    reps = int(min(max(target_ms / estimate, min_reps), max_reps))
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for s, e in events:
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in events)
+
+
+def time_once_ms(fn, *, on_gpu: bool) -> float:
+    if on_gpu:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if on_gpu:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3
+
+
+def clustered_tokens(B, H, N, D, dtype, device, seed, centres=64):
+    """(B, N, H, D) tokens around `centres` random points per head: the attention processors' layout."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    means = torch.randn((B, H, centres, D), generator=gen, device=device)
+    which = torch.randint(0, centres, (B, H, N), generator=gen, device=device)
+    x = torch.gather(means, 2, which[..., None].expand(B, H, N, D))
+    x.add_(torch.randn((B, H, N, D), generator=gen, device=device), alpha=0.5)
+    return x.transpose(1, 2).contiguous().to(dtype)
+
+
+def selection_estimate(q_centroids, k_centroids, k_sizes, top_p=0.9, min_fraction=0.01):
+    """Plain-torch SVG2 cluster selection (for the overhead estimate only; the method has its own)."""
+    d = q_centroids.shape[-1]
+    scores = torch.matmul(q_centroids, k_centroids.transpose(-1, -2)) / math.sqrt(d)
+    logits = scores + torch.log(k_sizes.float().clamp(min=1)).unsqueeze(-2)
+    logits = logits.masked_fill((k_sizes == 0).unsqueeze(-2), float("-inf"))
+    mass = torch.softmax(logits, dim=-1)
+    sorted_mass, idx = mass.sort(dim=-1, descending=True)
+    before = sorted_mass.cumsum(-1) - sorted_mass  # mass of the clusters ranked ahead
+    rank = torch.arange(mass.shape[-1], device=mass.device)
+    keep_sorted = (before < top_p) | (rank < max(1, int(min_fraction * mass.shape[-1])))
+    selected = torch.zeros_like(keep_sorted)
+    selected.scatter_(-1, idx, keep_sorted)
+    return selected
+
+
+def run_shape(name, shape, args, km, cp, on_gpu, device, dtype, log):
+    B, H, N, D = shape
+    Cq, Ck = (8, 16) if name == "smoke" else (args.cq, args.ck)
+    rec = {"shape": name, "batch": B, "heads": H, "tokens": N, "head_dim": D, "q_clusters": Cq, "k_clusters": Ck,
+           "dtype": str(dtype), "times_ms": {}, "checks": {}, "errors": {}}
+    t = rec["times_ms"]
+
+    def section(key, fn):
+        try:
+            fn()
+        except Exception as exc:  # record and move on: one failure must not lose the other numbers
+            rec["errors"][key] = f"{type(exc).__name__}: {exc}"
+            log(f"[{name}] {key} FAILED: {type(exc).__name__}: {exc}")
+            if args.verbose:
+                traceback.print_exc()
+        if on_gpu:
+            torch.cuda.empty_cache()
+
+    q = clustered_tokens(B, H, N, D, dtype, device, seed=1)
+    k = clustered_tokens(B, H, N, D, dtype, device, seed=2)
+    v = torch.randn((B, N, H, D), device=device, dtype=dtype)
+    qh, kh = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, N, D) views, as the method passes them
+    state = {}
+
+    def init():
+        state["cq"] = km._random_token_init(qh, Cq, seed=0)
+        state["ck"] = km._random_token_init(kh, Ck, seed=0)
+    section("init", init)
+    if "cq" not in state:
+        return rec
+
+    def assign():
+        for tag, x, cent, C in (("q", qh, state["cq"], Cq), ("k", kh, state["ck"], Ck)):
+            ms = time_ms(lambda: km.kmeans_assign(x, cent), on_gpu=on_gpu)
+            t[f"assign_{tag}"] = ms
+            rec[f"assign_{tag}_tflops"] = 2.0 * B * H * N * C * D / (ms * 1e-3) / 1e12
+            labels = km.kmeans_assign(x, cent)
+            state[f"labels_{tag}"] = labels
+            # Check two heads against the float32 reference: nearest up to rounding of 16-bit centroids.
+            hs = slice(0, min(2, H))
+            ref = km.kmeans_assign_reference(x[:, hs], cent[:, hs])
+            xs = x[:, hs].float()
+            c_used = cent[:, hs].to(dtype).float()
+            c_norm = c_used.square().sum(-1)
+
+            def dist_of(lab):
+                cs = torch.gather(c_used, 2, lab.long()[..., None].expand(*lab.shape, D))
+                return (xs - cs).square().sum(-1)
+            gap = (dist_of(labels[:, hs]) - dist_of(ref)) / (xs.square().sum(-1) + c_norm.amax(-1, keepdim=True))
+            rec["checks"][f"assign_{tag}_agree_fraction"] = (labels[:, hs] == ref).float().mean().item()
+            rec["checks"][f"assign_{tag}_max_relative_gap"] = gap.max().item()
+            log(f"[{name}] assign {tag} C={C}: {ms:.3f} ms ({rec[f'assign_{tag}_tflops']:.0f} TFLOP/s), "
+                f"agree {rec['checks'][f'assign_{tag}_agree_fraction']:.4f}, gap {gap.max().item():.2e}")
+    section("assign", assign)
+
+    def update():
+        for tag, x, C in (("q", qh, Cq), ("k", kh, Ck)):
+            labels = state.get(f"labels_{tag}")
+            if labels is None:
+                labels = km.kmeans_assign(x, state[f"c{tag}"])
+            prev = state[f"c{tag}"]
+            for det in (True, False):
+                key = f"update_{tag}_{'deterministic' if det else 'atomic'}"
+                t[key] = time_ms(lambda: km.kmeans_update(x, labels, C, prev, deterministic=det), on_gpu=on_gpu)
+            a = km.kmeans_update(x, labels, C, prev, deterministic=True)
+            b = km.kmeans_update(x, labels, C, prev, deterministic=True)
+            rec["checks"][f"update_{tag}_bitwise_reproducible"] = bool(torch.equal(a[0], b[0]))
+            log(f"[{name}] update {tag}: deterministic {t[f'update_{tag}_deterministic']:.3f} ms, atomic "
+                f"{t[f'update_{tag}_atomic']:.3f} ms, reproducible {rec['checks'][f'update_{tag}_bitwise_reproducible']}")
+    section("update", update)
+
+    def cold():
+        iters = 2 if name == "smoke" else 50
+        out = {}
+
+        def go():
+            out["q"] = km.batched_kmeans(qh, Cq, iterations=iters, seed=0, stop_when_stable=True)
+            out["k"] = km.batched_kmeans(kh, Ck, iterations=iters, seed=0, stop_when_stable=True)
+        t["cold_qk_kmeans_once"] = time_once_ms(go, on_gpu=on_gpu)
+        rec["cold_iterations"] = {"q": out["q"].iterations, "k": out["k"].iterations}
+        state["cold"] = out
+        inertia = {tag: km.kmeans_inertia(x, out[tag].labels, out[tag].centroids).sum().item()
+                   for tag, x in (("q", qh), ("k", kh))}
+        rec["cold_inertia_per_token"] = {tag: v_ / (B * H * N) for tag, v_ in inertia.items()}
+        log(f"[{name}] cold q+k k-means: {t['cold_qk_kmeans_once']:.1f} ms, iterations {rec['cold_iterations']}")
+    section("cold", cold)
+
+    def warm():
+        cold_out = state.get("cold") or {
+            "q": km.batched_kmeans(qh, Cq, iterations=2, seed=0), "k": km.batched_kmeans(kh, Ck, iterations=2, seed=0)}
+        # Next step's tokens: slightly moved.
+        q2 = qh + 0.05 * torch.randn_like(qh)
+        k2 = kh + 0.05 * torch.randn_like(kh)
+        out = {}
+
+        def go():
+            out["q"] = km.batched_kmeans(q2, Cq, iterations=2, init_centroids=cold_out["q"].centroids)
+            out["k"] = km.batched_kmeans(k2, Ck, iterations=2, init_centroids=cold_out["k"].centroids)
+        t["warm_qk_kmeans_2iter"] = time_ms(go, on_gpu=on_gpu)
+        state["warm"] = out
+        log(f"[{name}] warm 2-iteration q+k k-means: {t['warm_qk_kmeans_2iter']:.3f} ms")
+    section("warm", warm)
+
+    def permutation():
+        res = state.get("warm") or state.get("cold")
+        lq = res["q"].labels if res else state["labels_q"]
+        lk = res["k"].labels if res else state["labels_k"]
+        t["cluster_permutation_q"] = time_ms(lambda: cp.cluster_permutation(lq, Cq), on_gpu=on_gpu)
+        t["cluster_permutation_k"] = time_ms(lambda: cp.cluster_permutation(lk, Ck), on_gpu=on_gpu)
+        pq, pk = cp.cluster_permutation(lq, Cq), cp.cluster_permutation(lk, Ck)
+        state["pq"], state["pk"] = pq, pk
+        t["permute_qkv_one_launch"] = time_ms(lambda: cp.permute_qkv(q, k, v, pq.order, pk.order), on_gpu=on_gpu)
+        t["permute_tokens_x3"] = time_ms(lambda: (cp.permute_tokens(q, pq.order), cp.permute_tokens(k, pk.order),
+                                                  cp.permute_tokens(v, pk.order)), on_gpu=on_gpu)
+        t["permute_torch_gather_x3"] = time_ms(lambda: (cp.permute_tokens_reference(q, pq.order),
+                                                        cp.permute_tokens_reference(k, pk.order),
+                                                        cp.permute_tokens_reference(v, pk.order)), on_gpu=on_gpu)
+        outs = cp.permute_qkv(q, k, v, pq.order, pk.order)
+        refs = cp.permute_qkv_reference(q, k, v, pq.order, pk.order)
+        rec["checks"]["permute_qkv_equals_reference"] = all(bool(torch.equal(a, b)) for a, b in zip(outs, refs))
+        o = outs[2]  # stands in for the attention output in query cluster order
+        t["unpermute_output"] = time_ms(lambda: cp.unpermute_tokens(o, pq.order), on_gpu=on_gpu)
+        t["unpermute_torch_scatter"] = time_ms(lambda: cp.unpermute_tokens_reference(o, pq.order), on_gpu=on_gpu)
+        back = cp.unpermute_tokens(outs[0], pq.order)
+        rec["checks"]["permutation_round_trip_exact"] = bool(torch.equal(back, q))
+        moved = 2 * B * N * H * D * q.element_size()
+        rec["permute_qkv_GBps"] = 3 * moved / (t["permute_qkv_one_launch"] * 1e-3) / 1e9
+        log(f"[{name}] sort q {t['cluster_permutation_q']:.3f} k {t['cluster_permutation_k']:.3f} ms; permute_qkv "
+            f"{t['permute_qkv_one_launch']:.3f} ms ({rec['permute_qkv_GBps']:.0f} GB/s), x3 {t['permute_tokens_x3']:.3f}"
+            f", torch {t['permute_torch_gather_x3']:.3f}; unpermute {t['unpermute_output']:.3f} ms (torch "
+            f"{t['unpermute_torch_scatter']:.3f}); checks {rec['checks'].get('permute_qkv_equals_reference')} "
+            f"{rec['checks'].get('permutation_round_trip_exact')}")
+    section("permutation", permutation)
+
+    def selection():
+        res = state.get("warm") or state.get("cold")
+        t["selection_torch_estimate"] = time_ms(
+            lambda: selection_estimate(res["q"].centroids, res["k"].centroids, res["k"].sizes), on_gpu=on_gpu)
+        sel = selection_estimate(res["q"].centroids, res["k"].centroids, res["k"].sizes)
+        rec["selection_kept_cluster_fraction"] = sel.float().mean().item()
+        log(f"[{name}] selection estimate: {t['selection_torch_estimate']:.3f} ms")
+    section("selection", selection)
+
+    def dense():
+        if not on_gpu:
+            t["dense_sdpa_math_cpu"] = time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)), on_gpu=False)
+            return
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        qd, kd, vd = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+        for label, backend in (("dense_sdpa_cudnn", SDPBackend.CUDNN_ATTENTION),
+                               ("dense_sdpa_flash", SDPBackend.FLASH_ATTENTION)):
+            try:
+                with sdpa_kernel([backend]):
+                    t[label] = time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(qd, kd, vd),
+                                       on_gpu=True, target_ms=1000.0, max_reps=20)
+                log(f"[{name}] {label}: {t[label]:.2f} ms")
+            except Exception as exc:
+                rec["errors"][label] = f"{type(exc).__name__}: {exc}"
+                log(f"[{name}] {label} FAILED: {exc}")
+    section("dense", dense)
+
+    parts = ["warm_qk_kmeans_2iter", "cluster_permutation_q", "cluster_permutation_k", "permute_qkv_one_launch",
+             "unpermute_output", "selection_torch_estimate"]
+    dense_ms = t.get("dense_sdpa_cudnn") or t.get("dense_sdpa_flash") or t.get("dense_sdpa_math_cpu")
+    if dense_ms and all(p in t for p in parts):
+        overhead = sum(t[p] for p in parts)
+        rec["overhead_ms"] = overhead
+        rec["overhead_fraction_of_dense"] = overhead / dense_ms
+        rec["overhead_parts"] = parts
+        log(f"[{name}] per-layer SVG2 overhead {overhead:.2f} ms = {100 * overhead / dense_ms:.1f}% of dense "
+            f"{dense_ms:.2f} ms (target <= 15%)")
+    return rec
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="JSON file to write")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (Triton interpreter) in seconds")
+    parser.add_argument("--shapes", default="wan1.3b_480p_81f,wan14b_720p_81f")
+    parser.add_argument("--cq", type=int, default=200, help="query clusters per head")
+    parser.add_argument("--ck", type=int, default=1000, help="key clusters per head")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    parser.add_argument("--verbose", action="store_true", help="print tracebacks of failed sections")
+    args = parser.parse_args()
+
+    on_gpu = torch.cuda.is_available() and not args.smoke
+    if not on_gpu:
+        if not args.smoke:
+            sys.exit("bench_kmeans needs a CUDA GPU (or --smoke for a CPU test of this script)")
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported
+    km, cp = _import_kernels()
+    device = "cuda" if on_gpu else "cpu"
+    # The Triton interpreter is wrong for bfloat16: smoke runs use float16.
+    dtype = getattr(torch, args.dtype) if on_gpu else torch.float16
+    shapes = ["smoke"] if args.smoke else [s.strip() for s in args.shapes.split(",") if s.strip()]
+
+    started = time.time()
+    log_lines = []
+
+    def log(msg):
+        line = f"{time.time() - started:7.1f}s {msg}"
+        print(line, flush=True)
+        log_lines.append(line)
+
+    result = {
+        "benchmark": "bench_kmeans",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name() if on_gpu else "cpu (smoke, Triton interpreter)",
+        "torch": torch.__version__,
+        "triton": getattr(sys.modules.get("triton"), "__version__", None),
+        "smoke": bool(args.smoke),
+        "records": [],
+    }
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    for name in shapes:
+        if name not in SHAPES:
+            result["records"].append({"shape": name, "errors": {"shape": f"unknown; choose from {list(SHAPES)}"}})
+            continue
+        try:
+            result["records"].append(run_shape(name, SHAPES[name], args, km, cp, on_gpu, device, dtype, log))
+        except Exception as exc:
+            result["records"].append({"shape": name, "errors": {"shape": f"{type(exc).__name__}: {exc}"}})
+            log(f"[{name}] FAILED: {type(exc).__name__}: {exc}")
+        if on_gpu:
+            torch.cuda.empty_cache()
+        result["wall_s"] = time.time() - started
+        result["log"] = log_lines
+        out_path.write_text(json.dumps(result, indent=1))  # after every shape: a later crash keeps the numbers
+    log(f"wrote {out_path}")
+
+
+if __name__ == "__main__":
+    main()
