@@ -1,0 +1,204 @@
+"""Variable-block (SVG2) sparse attention kernel against its PyTorch reference (Triton interpreter on CPU)."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # must precede the first Triton import: triton.jit reads it at decoration
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from vidaccel.kernels.block_sparse_attention import merge_attention_partials  # noqa: E402
+from vidaccel.kernels.varblock_attention import (  # noqa: E402
+    _forward,
+    build_varblock_plan,
+    max_query_tiles,
+    varblock_density,
+    varblock_sparse_attention,
+    varblock_sparse_attention_reference,
+    varblock_token_mask,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3}
+
+
+def _offsets_from_sizes(sizes):
+    """(B, H, C) sizes -> (B, H, C + 1) int32 cumulative offsets."""
+    sizes = torch.as_tensor(sizes, dtype=torch.int64)
+    zero = torch.zeros(*sizes.shape[:-1], 1, dtype=torch.int64)
+    return torch.cat([zero, sizes.cumsum(-1)], -1).to(torch.int32).to(DEVICE)
+
+
+def _random_offsets(batch, heads, n, clusters, gen):
+    """Ragged clusters: sorted random cut points give empty, size-1 and large clusters."""
+    cuts = torch.sort(torch.randint(0, n + 1, (batch, heads, clusters - 1), generator=gen), dim=-1).values
+    full = torch.cat([torch.zeros(batch, heads, 1, dtype=torch.int64), cuts,
+                      torch.full((batch, heads, 1), n, dtype=torch.int64)], -1)
+    return full.to(torch.int32).to(DEVICE)
+
+
+def _qkv(batch, heads, q_len, kv_len, dim, dtype, gen):
+    return [torch.randn(batch, heads, n, dim, generator=gen).to(DEVICE, dtype) for n in (q_len, kv_len, kv_len)]
+
+
+def _check(out, ref, lse=None, ref_lse=None, dtype=torch.float32):
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert not torch.isnan(out).any()
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+    if lse is not None:
+        assert lse.dtype == torch.float32 and lse.shape == out.shape[:3] and not torch.isnan(lse).any()
+        assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+        finite = torch.isfinite(ref_lse)
+        torch.testing.assert_close(lse[finite], ref_lse[finite], atol=1e-4, rtol=1e-4)
+
+
+@settings(max_examples=12, deadline=None, derandomize=True)
+@given(
+    batch=st.integers(1, 2), heads=st.integers(1, 2), q_len=st.integers(1, 70), kv_len=st.integers(1, 70),
+    q_clusters=st.integers(1, 6), k_clusters=st.integers(1, 12), dim=st.sampled_from([32, 64, 128]),
+    dtype=st.sampled_from([torch.float32, torch.float16]), key_mode=st.sampled_from(["packed", "ranges"]),
+    block_m=st.sampled_from([16, 32]), density=st.floats(0.0, 1.0), seed=st.integers(0, 999),
+)
+def test_matches_reference_on_random_ragged_layouts(batch, heads, q_len, kv_len, q_clusters, k_clusters, dim, dtype,
+                                                    key_mode, block_m, density, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q_off = _random_offsets(batch, heads, q_len, q_clusters, gen)
+    k_off = _random_offsets(batch, heads, kv_len, k_clusters, gen)
+    selected = (torch.rand(batch, heads, q_clusters, k_clusters, generator=gen) < density).to(DEVICE)
+    q, k, v = _qkv(batch, heads, q_len, kv_len, dim, dtype, gen)
+    out, lse = _forward(q, k, v, q_off, k_off, selected, None, True, key_mode=key_mode, block_m=block_m)
+    ref, ref_lse = varblock_sparse_attention_reference(q, k, v, q_off, k_off, selected, return_lse=True)
+    _check(out, ref, lse, ref_lse, dtype)
+
+
+@pytest.mark.parametrize("key_mode", ["packed", "ranges"])
+def test_size_one_giant_and_empty_clusters(key_mode):
+    """Size-1 clusters, one giant cluster, empty clusters (also selected ones) and rows selecting nothing."""
+    q_sizes = [[[1, 0, 45, 1, 0, 3, 1], [50, 1, 0, 0, 0, 0, 0]]]  # 51 query tokens per head
+    k_sizes = [[[1, 1, 0, 1, 30, 0, 0, 1, 1, 5, 1, 0, 1], [0, 0, 1, 40, 1, 0, 0, 0, 0, 0, 0, 0, 0]]]  # 42 keys
+    q_off, k_off = _offsets_from_sizes(q_sizes), _offsets_from_sizes(k_sizes)
+    gen = torch.Generator().manual_seed(4)
+    selected = torch.rand(1, 2, 7, 13, generator=gen) < 0.5
+    selected[0, 0, 2] = False  # the giant query cluster selects nothing...
+    selected[0, 0, 3] = False
+    selected[0, 0, 3, [2, 5, 6]] = True  # ...and this size-1 cluster only empty key clusters: both see no key
+    selected[0, 1, 0] = True  # giant query cluster x giant key cluster, plus every empty one
+    q, k, v = _qkv(1, 2, 51, 42, 64, torch.float16, gen)
+    out, lse = _forward(q, k, v, q_off, k_off, selected.to(DEVICE), None, True, key_mode=key_mode, block_m=16)
+    ref, ref_lse = varblock_sparse_attention_reference(q, k, v, q_off, k_off, selected.to(DEVICE), return_lse=True)
+    _check(out, ref, lse, ref_lse, torch.float16)
+    for rows in (slice(1, 46), slice(46, 47)):  # giant cluster 2 and cluster 3 of head 0
+        assert torch.equal(out[0, 0, rows], torch.zeros_like(out[0, 0, rows]))
+        assert torch.isneginf(lse[0, 0, rows]).all()
+
+
+def test_default_entry_point_and_custom_scale():
+    gen = torch.Generator().manual_seed(9)
+    q_off = _random_offsets(1, 2, 40, 3, gen)
+    k_off = _random_offsets(1, 2, 50, 7, gen)
+    selected = (torch.rand(1, 2, 3, 7, generator=gen) < 0.6).to(DEVICE)
+    q, k, v = _qkv(1, 2, 40, 50, 32, torch.float32, gen)
+    out = varblock_sparse_attention(q, k, v, q_off, k_off, selected, sm_scale=0.3)
+    ref = varblock_sparse_attention_reference(q, k, v, q_off, k_off, selected, sm_scale=0.3)
+    _check(out, ref)
+
+
+def test_reads_strided_views_without_copies():
+    """(B, H, N, D) views of a diffusers-style (B, N, H, D) buffer."""
+    gen = torch.Generator().manual_seed(5)
+    base = [torch.randn(1, n, 2, 64, generator=gen).to(DEVICE, torch.float16) for n in (45, 38, 38)]
+    q, k, v = (t.transpose(1, 2) for t in base)
+    assert not q.is_contiguous()
+    q_off, k_off = _random_offsets(1, 2, 45, 4, gen), _random_offsets(1, 2, 38, 6, gen)
+    selected = (torch.rand(1, 2, 4, 6, generator=gen) < 0.5).to(DEVICE)
+    out = varblock_sparse_attention(q, k, v, q_off, k_off, selected, block_m=32)
+    _check(out, varblock_sparse_attention_reference(q, k, v, q_off, k_off, selected), dtype=torch.float16)
+
+
+def test_lse_merges_with_merge_attention_partials():
+    """Two disjoint selections merged through their lse equal the attention over their union."""
+    gen = torch.Generator().manual_seed(7)
+    q_off, k_off = _random_offsets(2, 1, 50, 4, gen), _random_offsets(2, 1, 60, 9, gen)
+    union = torch.rand(2, 1, 4, 9, generator=gen) < 0.7
+    union[0, 0, 0] = False  # a cluster empty on both sides
+    first = union & (torch.rand(2, 1, 4, 9, generator=gen) < 0.5)
+    first[1, 0, 1] = False  # a cluster empty on one side only
+    second = union & ~first
+    q, k, v = _qkv(2, 1, 50, 60, 32, torch.float32, gen)
+    (o1, l1), (o2, l2), (ou, lu) = (varblock_sparse_attention(q, k, v, q_off, k_off, s.to(DEVICE), return_lse=True)
+                                    for s in (first, second, union))
+    merged, merged_lse = merge_attention_partials(o1, l1, o2, l2)
+    _check(merged, ou, merged_lse, lu)
+    ref, ref_lse = varblock_sparse_attention_reference(q, k, v, q_off, k_off, union.to(DEVICE), return_lse=True)
+    _check(merged, ref, merged_lse, ref_lse)
+
+
+def test_plan_merges_adjacent_runs_and_covers_every_query_row():
+    k_sizes = [[[2, 3, 0, 4, 5, 0, 1]]]  # offsets 0 2 5 5 9 14 14 15
+    q_sizes = [[[0, 33, 1, 16, 0]]]
+    selected = torch.tensor([[[[1, 1, 0, 0, 1, 0, 1],   # [0,5) and [9,15): cluster 5 is empty, so 4 and 6 touch
+                               [0, 1, 1, 1, 0, 0, 0],   # empty cluster 2 between selected ones: one run [2,9)
+                               [0, 0, 1, 0, 0, 1, 0],   # only empty clusters: no run
+                               [1, 0, 0, 1, 0, 0, 1],   # three runs
+                               [1, 1, 1, 1, 1, 1, 1]]]], dtype=torch.bool, device=DEVICE)
+    q_off, k_off = _offsets_from_sizes(q_sizes), _offsets_from_sizes(k_sizes)
+    plan = build_varblock_plan(q_off, k_off, selected, q_len=50, block_m=16)
+    assert plan.num_runs.tolist() == [[2, 1, 0, 3, 1]]
+    assert plan.key_count.tolist() == [[11, 7, 0, 7, 15]]
+    assert plan.range_start[0, 0, :2].tolist() == [0, 9] and plan.range_cum[0, 0, :3].tolist() == [0, 5, 11]
+    assert plan.range_start[0, 3, :3].tolist() == [0, 5, 14] and plan.range_cum[0, 3, :4].tolist() == [0, 2, 6, 7]
+    assert plan.range_cum[0, 2].tolist() == [0] * 8
+    # Tiles: ceil(33/16) + 1 + 1 = 5 used slots of the shape-only bound, heaviest first, each row once.
+    assert plan.num_tiles == max_query_tiles(50, 5, 16)
+    used = plan.tile_cluster[0] >= 0
+    assert int(used.sum()) == 5 and bool(used[:5].all())
+    weights = plan.key_count[0][plan.tile_cluster[0][:5].long()]
+    assert weights.tolist() == sorted(weights.tolist(), reverse=True)
+    covered = torch.zeros(50, dtype=torch.int64)
+    for c, r in zip(plan.tile_cluster[0][:5].tolist(), plan.tile_row[0][:5].tolist()):
+        end = min(r + 16, int(q_off[0, 0, c + 1]))
+        assert int(q_off[0, 0, c]) <= r < end
+        covered[r:end] += 1
+    assert covered.tolist() == [1] * 50
+
+
+def test_density_matches_token_mask():
+    gen = torch.Generator().manual_seed(2)
+    q_off, k_off = _random_offsets(2, 3, 37, 5, gen), _random_offsets(2, 3, 41, 8, gen)
+    selected = (torch.rand(2, 3, 5, 8, generator=gen) < 0.4).to(DEVICE)
+    density = varblock_density(q_off, k_off, selected)
+    mask = varblock_token_mask(q_off, k_off, selected, 37, 41)
+    assert density.shape == (2, 3) and density.dtype == torch.float32
+    torch.testing.assert_close(density, mask.float().mean((-1, -2)))
+
+
+def test_rejects_bad_input():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = _qkv(1, 2, 20, 24, 64, torch.float16, gen)
+    q_off, k_off = _offsets_from_sizes([[[10, 10]] * 2]), _offsets_from_sizes([[[8, 8, 8]] * 2])
+    selected = torch.ones(1, 2, 2, 3, dtype=torch.bool, device=DEVICE)
+    for fn in (varblock_sparse_attention, varblock_sparse_attention_reference):
+        with pytest.raises(ValueError, match="4D"):
+            fn(q[0], k, v, q_off, k_off, selected)
+        with pytest.raises(ValueError, match="incompatible shapes"):
+            fn(q, k[..., :32], v, q_off, k_off, selected)
+        q48, k48, v48 = _qkv(1, 2, 20, 24, 48, torch.float16, gen)
+        with pytest.raises(ValueError, match="head_dim=48"):
+            fn(q48, k48, v48, q_off, k_off, selected)
+        with pytest.raises(ValueError, match="end at the token count 24"):
+            fn(q, k, v, q_off, _offsets_from_sizes([[[8, 8, 7]] * 2]), selected)
+        with pytest.raises(ValueError, match="nondecreasing"):
+            fn(q, k, v, q_off, _offsets_from_sizes([[[12, -4, 16]] * 2]), selected)
+        with pytest.raises(ValueError, match="int32"):
+            fn(q, k, v, q_off.long(), k_off, selected)
+        with pytest.raises(ValueError, match=r"selected must be a bool \(B, H, Cq, Ck\) = \(1, 2, 2, 3\)"):
+            fn(q, k, v, q_off, k_off, selected[..., :2])
+        with pytest.raises(ValueError, match="selected must be a bool"):
+            fn(q, k, v, q_off, k_off, selected.int())
+    with pytest.raises(ValueError, match="key_mode"):
+        varblock_sparse_attention(q, k, v, q_off, k_off, selected, key_mode="dense")
