@@ -7,12 +7,14 @@ the argmin). 16-bit inputs run the dot product on tensor cores with the centroid
 (the squared norms are taken from those rounded centroids, so each distance is exact for the centroid actually
 used); float32 inputs use IEEE float32 dots. Ties go to the lowest cluster index, as ``torch.argmin``.
 
-Update. Plain PyTorch: per-cluster sums through a scatter on a flat ``(B*H*C)`` index, counts likewise, means;
-an empty cluster keeps its previous centroid. ``deterministic=True`` (default) accumulates with
-``index_put_(accumulate=True)``, which CUDA implements by sorting the indices and summing each segment in a
-fixed order (bitwise reproducible); ``deterministic=False`` uses ``index_add_`` (float atomics on CUDA: faster
-perhaps, last bits may differ between runs). The float32 copy of the inputs is made a few heads at a time to
-bound the transient memory.
+Update. Means of the clusters; an empty cluster keeps its previous centroid. Three ways (``method``):
+  * ``"index_put"`` (default): PyTorch scatter on a flat ``(B*H*C)`` index with ``index_put_(accumulate=True)``,
+    which CUDA implements by sorting the indices and summing each segment in a fixed order (bitwise
+    reproducible); the float32 copy of the inputs is made a few heads at a time to bound transient memory;
+  * ``"index_add"``: the same with ``index_add_`` (float atomics on CUDA: last bits may differ between runs);
+  * ``"sorted"``: stable sort of the labels per (batch, head) on the device, then a Triton kernel that sums
+    each cluster's rows in sorted order (one program per cluster; deterministic, no float32 copy, no atomics).
+    Needs the Triton kernels (CUDA or the interpreter); elsewhere it falls back to ``"index_put"``.
 
 Driver. ``batched_kmeans`` initialises with distinct random tokens picked by a ``torch.Generator`` seeded with
 ``seed`` (deterministic on a given device), or warm-starts from given centroids. The returned centroids are the
@@ -122,7 +124,39 @@ def _assign_configs():
 
 _assign_kernel_tuned = triton.autotune(configs=_assign_configs(), key=["C", "BLOCK_D", "N"])(_assign_kernel)
 # Tiles the interpreter runs (small, so that ragged token and cluster tiles show up in small tests).
-_INTERPRETER_BLOCKS = {"BLOCK_N": 32, "BLOCK_C": 16}
+_INTERPRETER_BLOCKS = {"BLOCK_N": 64, "BLOCK_C": 32}
+
+
+@triton.jit
+def _segment_mean_kernel(x_ptr, order_ptr, offsets_ptr, prev_ptr, cent_ptr, sizes_ptr,
+                         stride_xb, stride_xh, stride_xn, stride_xd,
+                         H, N, C, D,
+                         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Mean of the rows of one cluster: rows order[offsets[c]:offsets[c+1]] of one (batch, head), in that order."""
+    c = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    bh64 = pid_bh.to(tl.int64)
+    start = tl.load(offsets_ptr + bh64 * (C + 1) + c)
+    end = tl.load(offsets_ptr + bh64 * (C + 1) + c + 1)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    x_base = x_ptr + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh
+    acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+    for t0 in range(start, end, BLOCK_T):
+        rows_ok = t0 + offs_t < end
+        token = tl.load(order_ptr + bh64 * N + t0 + offs_t, mask=rows_ok, other=0).to(tl.int64)
+        acc += tl.load(x_base + token[:, None] * stride_xn + offs_d[None, :] * stride_xd,
+                       mask=rows_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    count = end - start
+    total = tl.sum(acc, axis=0)
+    out = bh64 * C * D + c * D + offs_d
+    previous = tl.load(prev_ptr + out, mask=d_ok, other=0.0)
+    mean = tl.where(count > 0, total / tl.maximum(count, 1).to(tl.float32), previous)
+    tl.store(cent_ptr + out, mean, mask=d_ok)
+    tl.store(sizes_ptr + bh64 * C + c, count)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -237,11 +271,15 @@ def kmeans_assign_reference(x: torch.Tensor, centroids: torch.Tensor) -> torch.T
 # ------------------------------------------------------------------------------------------------------------
 # Update
 # ------------------------------------------------------------------------------------------------------------
+_UPDATE_METHODS = ("index_put", "index_add", "sorted")
+
+
 def kmeans_update(x: torch.Tensor, labels: torch.Tensor, num_clusters: int, previous_centroids: torch.Tensor, *,
-                  deterministic: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                  method: str = "index_put") -> tuple[torch.Tensor, torch.Tensor]:
     """Cluster means (B, H, C, D) float32 and sizes (B, H, C) int32; empty clusters keep previous_centroids.
 
-    Labels must lie in [0, num_clusters) (not checked: that would synchronise with the host).
+    Labels must lie in [0, num_clusters) (not checked: that would synchronise with the host). ``method``: see the
+    module docstring ("index_put" deterministic torch, "index_add" atomic torch, "sorted" sort + Triton sums).
     """
     B, H, N, D = _check_x(x, "kmeans_update")
     C = _check_num_clusters(num_clusters, N, "kmeans_update")
@@ -252,6 +290,10 @@ def kmeans_update(x: torch.Tensor, labels: torch.Tensor, num_clusters: int, prev
     if labels.dtype not in (torch.int32, torch.int64) or labels.device != x.device:
         raise TypeError(f"kmeans_update: labels must be int32/int64 on {x.device}, got {labels.dtype} on "
                         f"{labels.device}")
+    if method not in _UPDATE_METHODS:
+        raise ValueError(f"kmeans_update: method must be one of {_UPDATE_METHODS}, got {method!r}")
+    if method == "sorted" and (x.is_cuda or (_INTERPRETED and x.device.type == "cpu")):
+        return _update_sorted(x, labels, C, previous_centroids)
 
     sums = torch.zeros((B * H * C, D), dtype=torch.float32, device=x.device)
     counts = torch.zeros((B * H * C,), dtype=torch.int32, device=x.device)
@@ -267,7 +309,7 @@ def kmeans_update(x: torch.Tensor, labels: torch.Tensor, num_clusters: int, prev
             rows = torch.empty((B, h1 - h0, N, D), dtype=torch.float32, device=x.device)
             rows.copy_(x[:, h0:h1])
             rows = rows.view(-1, D)
-        if deterministic:
+        if method != "index_add":
             sums.index_put_((flat,), rows, accumulate=True)
         else:
             sums.index_add_(0, flat, rows)
@@ -275,6 +317,21 @@ def kmeans_update(x: torch.Tensor, labels: torch.Tensor, num_clusters: int, prev
     sizes = counts.view(B, H, C)
     means = sums.view(B, H, C, D) / sizes.clamp(min=1).unsqueeze(-1).to(torch.float32)
     centroids = torch.where((sizes > 0).unsqueeze(-1), means, previous_centroids.to(torch.float32))
+    return centroids, sizes
+
+
+def _update_sorted(x, labels, C, previous_centroids, block_rows: int = 64):
+    B, H, N, D = x.shape
+    sorted_labels, order = torch.sort(labels, dim=-1, stable=True)
+    boundaries = torch.arange(C + 1, device=x.device, dtype=labels.dtype).expand(B, H, C + 1).contiguous()
+    offsets = torch.searchsorted(sorted_labels, boundaries, out_int32=True)
+    offsets[..., -1] = N  # out-of-range labels would otherwise drop tokens; keep sizes summing to N
+    order = order.contiguous()
+    previous = previous_centroids.to(torch.float32).contiguous()
+    centroids = torch.empty((B, H, C, D), dtype=torch.float32, device=x.device)
+    sizes = torch.empty((B, H, C), dtype=torch.int32, device=x.device)
+    _segment_mean_kernel[(C, B * H)](x, order, offsets, previous, centroids, sizes, *x.stride(), H, N, C, D,
+                                     BLOCK_T=block_rows, BLOCK_D=triton.next_power_of_2(D), num_warps=4)
     return centroids, sizes
 
 
@@ -301,11 +358,12 @@ def _random_token_init(x: torch.Tensor, num_clusters: int, seed: int) -> torch.T
 
 def batched_kmeans(x: torch.Tensor, num_clusters: int, *, iterations: int,
                    init_centroids: Optional[torch.Tensor] = None, seed: int = 0, stop_when_stable: bool = False,
-                   deterministic: bool = True, backend: str = "auto") -> KMeansResult:
+                   update_method: str = "index_put", backend: str = "auto") -> KMeansResult:
     """Lloyd's k-means of every (batch, head) of x (B, H, N, D) over head_dim.
 
     Cold call: ``init_centroids=None``, e.g. ``iterations=50, stop_when_stable=True``. Warm-started call: pass
     the previous centroids and a small fixed ``iterations`` (e.g. 2); it never synchronises with the host.
+    ``update_method`` is kmeans_update's ``method``.
     """
     B, H, N, D = _check_x(x, "batched_kmeans")
     C = _check_num_clusters(num_clusters, N, "batched_kmeans")
@@ -323,7 +381,7 @@ def batched_kmeans(x: torch.Tensor, num_clusters: int, *, iterations: int,
     labels = sizes = None
     for _ in range(iterations):
         labels = kmeans_assign(x, centroids, backend=backend)
-        centroids, sizes = kmeans_update(x, labels, C, centroids, deterministic=deterministic)
+        centroids, sizes = kmeans_update(x, labels, C, centroids, method=update_method)
         ran += 1
         if stop_when_stable and previous_labels is not None and ran % STABILITY_CHECK_EVERY == 0 \
                 and torch.equal(labels, previous_labels):  # host sync, only every few cold iterations

@@ -91,8 +91,8 @@ def test_assign_ties_go_to_lowest_index():
 # ------------------------------------------------------------------------------------------------------------
 # Update
 # ------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("deterministic", [True, False])
-def test_update_means_sizes_and_empty_clusters(deterministic, monkeypatch):
+@pytest.mark.parametrize("method", ["index_put", "index_add", "sorted"])
+def test_update_means_sizes_and_empty_clusters(method, monkeypatch):
     monkeypatch.setattr(km, "_UPDATE_CHUNK_ELEMENTS", 2 * 50 * 8)  # several head chunks
     gen = torch.Generator().manual_seed(5)
     B, H, N, D, C = 2, 3, 50, 8, 6
@@ -101,7 +101,7 @@ def test_update_means_sizes_and_empty_clusters(deterministic, monkeypatch):
     labels[0, 1] = 0  # all tokens of one head in one cluster: clusters 1.. empty there
     labels = labels.to(DEVICE)
     previous = torch.randn(B, H, C, D, generator=gen).to(DEVICE)
-    centroids, sizes = kmeans_update(x, labels, C, previous, deterministic=deterministic)
+    centroids, sizes = kmeans_update(x, labels, C, previous, method=method)
     assert centroids.dtype == torch.float32 and sizes.dtype == torch.int32
     for b in range(B):
         for h in range(H):
@@ -114,12 +114,19 @@ def test_update_means_sizes_and_empty_clusters(deterministic, monkeypatch):
 
 
 def test_update_paths_agree():
-    x = _blobs(1, 2, 120, 16, 4, seed=6)
+    x = _blobs(1, 2, 150, 24, 4, seed=6).transpose(2, 3).contiguous().transpose(2, 3)  # strided tokens
     labels = kmeans_assign_reference(x, x[:, :, :7])
-    a = kmeans_update(x, labels, 7, x[:, :, :7].float(), deterministic=True)
-    b = kmeans_update(x, labels, 7, x[:, :, :7].float(), deterministic=False)
-    torch.testing.assert_close(a[0], b[0])
-    assert torch.equal(a[1], b[1])
+    a = kmeans_update(x, labels, 7, x[:, :, :7].float(), method="index_put")
+    for method in ("index_add", "sorted"):
+        b = kmeans_update(x, labels, 7, x[:, :, :7].float(), method=method)
+        torch.testing.assert_close(a[0], b[0])
+        assert torch.equal(a[1], b[1])
+    # Sorted sums with small row tiles (a cluster spans several tiles) still give the same means.
+    c = km._update_sorted(x, labels, 7, x[:, :, :7].float(), block_rows=8)
+    torch.testing.assert_close(a[0], c[0])
+    assert torch.equal(a[1], c[1])
+    with pytest.raises(ValueError, match="method"):
+        kmeans_update(x, labels, 7, x[:, :, :7].float(), method="mean")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -150,8 +157,10 @@ def test_kmeans_triton_and_torch_backends_agree():
     x = _blobs(1, 2, 96, 16, 5, seed=8)
     a = batched_kmeans(x, 6, iterations=3, seed=1, backend="triton")
     b = batched_kmeans(x, 6, iterations=3, seed=1, backend="torch")
-    assert torch.equal(a.labels, b.labels) and torch.equal(a.sizes, b.sizes)
-    torch.testing.assert_close(a.centroids, b.centroids)
+    c = batched_kmeans(x, 6, iterations=3, seed=1, backend="triton", update_method="sorted")
+    for other in (b, c):
+        assert torch.equal(a.labels, other.labels) and torch.equal(a.sizes, other.sizes)
+        torch.testing.assert_close(a.centroids, other.centroids)
 
 
 def test_warm_start_continues_and_improves():
