@@ -211,7 +211,7 @@ def run_shape(name, shape, args, km, cp, on_gpu, device, dtype, log):
                         (other[0] - base[0]).abs().max().item()
                     rec["checks"][f"update_{tag}_{method}_sizes_equal"] = bool(torch.equal(other[1], base[1]))
             log(f"[{name}] update {tag}: " + ", ".join(
-                f"{m} {t[f'update_{tag}_{m}']:.3f} ms" for m in results) + f"; checks " + str(
+                f"{m} {t[f'update_{tag}_{m}']:.3f} ms" for m in results) + "; checks " + str(
                 {k_: v_ for k_, v_ in rec["checks"].items() if k_.startswith(f"update_{tag}")}))
     section("update", update)
 
@@ -281,8 +281,9 @@ def run_shape(name, shape, args, km, cp, on_gpu, device, dtype, log):
         moved = 2 * B * N * H * D * q.element_size()
         rec["permute_qkv_GBps"] = 3 * moved / (t["permute_qkv_one_launch"] * 1e-3) / 1e9
         log(f"[{name}] sort q {t['cluster_permutation_q']:.3f} k {t['cluster_permutation_k']:.3f} ms; permute_qkv "
-            f"{t['permute_qkv_one_launch']:.3f} ms ({rec['permute_qkv_GBps']:.0f} GB/s), x3 {t['permute_tokens_x3']:.3f}"
-            f", torch {t['permute_torch_gather_x3']:.3f}; unpermute {t['unpermute_output']:.3f} ms (torch "
+            f"{t['permute_qkv_one_launch']:.3f} ms ({rec['permute_qkv_GBps']:.0f} GB/s), "
+            f"x3 {t['permute_tokens_x3']:.3f}, torch {t['permute_torch_gather_x3']:.3f}; "
+            f"unpermute {t['unpermute_output']:.3f} ms (torch "
             f"{t['unpermute_torch_scatter']:.3f}); checks {rec['checks'].get('permute_qkv_equals_reference')} "
             f"{rec['checks'].get('permutation_round_trip_exact')}")
     section("permutation", permutation)
