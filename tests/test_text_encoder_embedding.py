@@ -79,6 +79,20 @@ def test_packed_bytes_and_storage_dtypes(fmt, group):
     assert q.weight.dtype == torch.float16 and q.weight.shape == (256, 128) and q.weight.device.type == "meta"
 
 
+@pytest.mark.parametrize("fmt,group", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_packing_is_bit_identical_to_packing_the_whole_table(fmt, group, dtype):
+    embedding = _table(num=301, dim=128, dtype=dtype)  # 301 rows: the last chunk is partial
+    whole = QuantizedEmbedding.from_embedding(embedding, fmt, group, chunk_values=10**9)
+    chunked = QuantizedEmbedding.from_embedding(embedding, fmt, group, chunk_values=40 * 128)
+    assert whole.packed.block_size == chunked.packed.block_size
+    assert whole.packed.tensors.keys() == chunked.packed.tensors.keys()
+    for name, t in whole.packed.tensors.items():
+        c = chunked.packed.tensors[name]
+        assert c.dtype == t.dtype and c.shape == t.shape
+        assert torch.equal(c.view(torch.uint8), t.view(torch.uint8)), name
+
+
 def test_padding_row_stays_exactly_zero():
     for fmt in ("int8", "int4"):
         q = QuantizedEmbedding.from_embedding(_table(padding_idx=7), fmt)
@@ -109,7 +123,7 @@ def test_invalid_inputs_and_tables_are_refused():
 
 def test_config_field_and_embedding_method():
     assert TextEncoderQuant().quantize_embeddings is False
-    expected = {"int8": "int8", "fp8": "int8"}
+    expected = {"int8": "int8", "int8-sinq": "int8", "fp8": "int8"}
     for method in METHODS:
         assert TextEncoderQuant(method=method).embedding_method == expected.get(method, "int4")
     with pytest.raises(TypeError, match="quantize_embeddings"):

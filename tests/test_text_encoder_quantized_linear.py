@@ -22,7 +22,7 @@ def _linear(inp=256, out=96, bias=True, seed=0, dtype=torch.float32):
 
 
 # relative output error each format should stay under on a random Gaussian layer
-LIMITS = {"int8": 0.01, "fp8": 0.04, "int4": 0.15, "int4-sinq": 0.15, "nvfp4": 0.15, "mxfp4": 0.18, "nvint4": 0.13}
+LIMITS = {"int8": 0.01, "int8-sinq": 0.01, "fp8": 0.04, "int4": 0.15, "int4-sinq": 0.15, "nvfp4": 0.15, "mxfp4": 0.18, "nvint4": 0.13}
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -57,7 +57,7 @@ def test_storage_is_buffers_and_no_float_weight_remains():
     assert q.qweight.dtype == torch.uint8 and q.qweight.shape == (96, 128)
 
 
-@pytest.mark.parametrize("method,bits", [("int8", 8), ("fp8", 8), ("int4", 4.5), ("int4-sinq", 4.5 + 32 / 128),
+@pytest.mark.parametrize("method,bits", [("int8", 8), ("int8-sinq", 8 + 32 / 128), ("fp8", 8), ("int4", 4.5), ("int4-sinq", 4.5 + 32 / 128),
                                          ("nvfp4", 4.5), ("mxfp4", 4.25), ("nvint4", 4.5)])
 def test_parameter_bytes_are_the_real_bytes(method, bits):
     layer = _linear(inp=1024, out=128, bias=True)

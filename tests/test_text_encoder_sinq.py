@@ -99,3 +99,27 @@ def test_storage_is_int4_plus_one_column_scale():
     assert col.shape == (256,) and col.dtype == torch.float32
     with pytest.raises(ValueError, match="multiple"):
         quantize_sinq(torch.randn(8, 96), 64)
+
+
+# ---------------------------------------------------------------------------------------------- int8 + SINQ
+
+
+def test_int8_sinq_uses_the_whole_matrix_as_one_tile_and_beats_plain_int8():
+    w = _outlier_matrix(seed=11)
+    packed, col = quantize_sinq(w, iterations=16, fmt="int8")
+    assert packed.format == "int8" and packed.block_size == 256 and col.shape == (256,)
+    # int8 has one scale per whole row, so the balancing runs on the whole matrix
+    expected = torch.exp(sinkhorn_log_scales(w[None], 16).col_log[0])
+    assert torch.equal(col, expected)
+    assert torch.equal(packed.tensors["qweight"], F.quantize_int8(w / col[None, :]).tensors["qweight"])
+    plain = F.dequantize_int8(F.quantize_int8(w))
+    assert _rel_err(dequantize_sinq(packed, col), w) < 0.8 * _rel_err(plain, w)
+
+
+def test_int8_sinq_group_size_is_irrelevant_and_unknown_formats_are_refused():
+    w = _outlier_matrix(out=32, inp=96, seed=4)  # 96 is no int4 group multiple: int8 does not care
+    a, ca = quantize_sinq(w, 64, fmt="int8")
+    b, cb = quantize_sinq(w, 32, fmt="int8")
+    assert torch.equal(ca, cb) and torch.equal(a.tensors["qweight"], b.tensors["qweight"])
+    with pytest.raises(ValueError, match="SINQ supports"):
+        quantize_sinq(w, 32, fmt="nvfp4")

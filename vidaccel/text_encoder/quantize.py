@@ -46,7 +46,8 @@ HADAMARD_BLOCK_RANGE = (2, 4096)
 class TextEncoderQuant(MethodConfig):
     """Low-precision weights for the pipeline's text encoder.
 
-    method: one of int8, fp8 (per-row), int4 (asymmetric RTN per group), int4-sinq (SINQ-scaled int4),
+    method: one of int8, fp8 (per-row), int4 (asymmetric RTN per group), int4-sinq / int8-sinq (SINQ-scaled
+        int4 / int8: a Sinkhorn-balanced column scale per input feature, folded into the activation),
         nvfp4, mxfp4, nvint4 (microscaling 4-bit; their block sizes are fixed by the format).
     group_size: int4 / int4-sinq group along the input dimension (32, 64 or 128).
     hadamard: rotate each layer's input dimension by a block Hadamard matrix before quantizing.
@@ -55,7 +56,7 @@ class TextEncoderQuant(MethodConfig):
     quantize_t5_wo: quantize T5/UMT5 ``DenseReluDense.wo`` too (False adds it to the skipped patterns).
     keep_originals_on_cpu: keep the original layers (on CPU) so that ``restore()`` can put them back; False
         drops them, which is the only way to save host memory when the encoder itself lives on the CPU.
-    sinq_iterations: Sinkhorn rounds for int4-sinq.
+    sinq_iterations: Sinkhorn rounds for int4-sinq / int8-sinq.
     quantize_embeddings: also store every ``nn.Embedding`` table in low precision (``embedding_method``: int8
         rows for int8/fp8, int4 rows in groups of ``group_size`` for the 4-bit methods). Needed to bring big
         encoders down to their memory targets: UMT5-XXL's token table alone is 2.1 GB of its 11.4 GB in bf16.
@@ -127,7 +128,7 @@ class TextEncoderQuant(MethodConfig):
     @property
     def embedding_method(self) -> str:
         """The embedding table format that goes with ``method``: int8 for the 8-bit methods, else int4."""
-        return "int8" if self.method in ("int8", "fp8") else "int4"
+        return "int8" if self.method in ("int8", "int8-sinq", "fp8") else "int4"
 
     def embedding_skip_reason(self, module_name: str) -> str | None:
         for pattern in self.skip_patterns:

@@ -43,6 +43,34 @@ def conversion_error(embedding: nn.Embedding, fmt: str, group_size: int = 64) ->
     return None
 
 
+# Float values quantized per step when packing a table (16 M: 64 MB of float32 per temporary).
+CHUNK_VALUES = 1 << 24
+
+
+def _quantize_rows(weight: torch.Tensor, fmt: str, group_size: int) -> formats.PackedWeight:
+    return formats.quantize_int8(weight) if fmt == "int8" else formats.quantize_int4(weight, group_size)
+
+
+def _quantize_rows_chunked(weight: torch.Tensor, fmt: str, group_size: int, rows_per_chunk: int) -> formats.PackedWeight:
+    """:func:`_quantize_rows` of the whole table, ``rows_per_chunk`` rows at a time (every tensor is per row)."""
+    rows = weight.shape[0]
+    if rows <= rows_per_chunk:
+        return _quantize_rows(weight, fmt, group_size)
+    first = _quantize_rows(weight[:rows_per_chunk], fmt, group_size)
+    storage = {
+        name: torch.empty((rows, *t.shape[1:]), dtype=t.dtype, device=t.device) for name, t in first.tensors.items()
+    }
+    for name, t in first.tensors.items():
+        storage[name][:rows_per_chunk] = t
+    del first
+    for start in range(rows_per_chunk, rows, rows_per_chunk):
+        part = _quantize_rows(weight[start : start + rows_per_chunk], fmt, group_size)
+        for name, t in part.tensors.items():
+            storage[name][start : start + t.shape[0]] = t
+    block = weight.shape[1] if fmt == "int8" else group_size
+    return formats.PackedWeight(fmt, tuple(weight.shape), block, storage)
+
+
 class QuantizedEmbedding(nn.Module):
     """An embedding table with packed low-bit rows (see the module docstring)."""
 
@@ -65,16 +93,20 @@ class QuantizedEmbedding(nn.Module):
         self.register_buffer("_dtype_marker", torch.empty(0, dtype=compute_dtype), persistent=False)
 
     @classmethod
-    def from_embedding(cls, embedding: nn.Embedding, fmt: str, group_size: int = 64) -> "QuantizedEmbedding":
-        """Quantize ``embedding``'s table (on its own device); ``embedding`` itself is left untouched."""
+    def from_embedding(
+        cls, embedding: nn.Embedding, fmt: str, group_size: int = 64, chunk_values: int = CHUNK_VALUES
+    ) -> "QuantizedEmbedding":
+        """Quantize ``embedding``'s table (on its own device); ``embedding`` itself is left untouched.
+
+        Rows are quantized ``chunk_values // embedding_dim`` at a time into preallocated storage: every format here
+        is row-local, so the result is bit-identical to quantizing the whole table at once, while the float32
+        temporaries stay one chunk large (UMT5-XXL's table in one piece needed ~25 GB of scratch on the GPU).
+        """
         reason = conversion_error(embedding, fmt, group_size)
         if reason is not None:
             raise ValueError(reason)
         weight = embedding.weight.detach()
-        if fmt == "int8":
-            packed = formats.quantize_int8(weight)
-        else:
-            packed = formats.quantize_int4(weight, group_size)
+        packed = _quantize_rows_chunked(weight, fmt, group_size, max(1, chunk_values // max(1, weight.shape[1])))
         return cls(packed, compute_dtype=weight.dtype, padding_idx=embedding.padding_idx)
 
     # ------------------------------------------------------------------------------------------------------

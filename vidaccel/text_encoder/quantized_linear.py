@@ -20,7 +20,9 @@ from . import formats
 from .hadamard import block_hadamard, hadamard_matrix, rotate_weight
 from .sinq import SINQ_ITERATIONS, quantize_sinq
 
-METHODS: tuple[str, ...] = ("int8", "fp8", "int4", "int4-sinq", "nvfp4", "mxfp4", "nvint4")
+METHODS: tuple[str, ...] = ("int8", "int8-sinq", "fp8", "int4", "int4-sinq", "nvfp4", "mxfp4", "nvint4")
+# SINQ methods and the storage format they scale (the rest store their own name).
+SINQ_METHODS: dict[str, str] = {"int8-sinq": "int8", "int4-sinq": "int4"}
 
 BACKEND_NOT_RUN = "not_run"
 BACKEND_DEQUANT = "dequant_matmul"
@@ -28,10 +30,10 @@ BACKEND_FP8_SCALED_MM = "fp8_scaled_mm"
 
 
 def storage_format(method: str) -> str:
-    """The packed weight format a method stores (int4-sinq stores int4 plus a column scale)."""
+    """The packed weight format a method stores (int4-sinq / int8-sinq store int4 / int8 plus a column scale)."""
     if method not in METHODS:
         raise ValueError(f"unknown text-encoder quantization method {method!r}; known: {', '.join(METHODS)}")
-    return "int4" if method == "int4-sinq" else method
+    return SINQ_METHODS.get(method, method)
 
 
 def required_multiple(method: str, group_size: int = 64, hadamard_block: int | None = None) -> int:
@@ -94,8 +96,8 @@ class QuantizedLinear(nn.Module):
             )
         w = rotate_weight(weight, hadamard_block) if hadamard_block else weight.to(torch.float32)
         col_scale = None
-        if method == "int4-sinq":
-            packed, col_scale = quantize_sinq(w, group_size, sinq_iterations)
+        if method in SINQ_METHODS:
+            packed, col_scale = quantize_sinq(w, group_size, sinq_iterations, fmt=fmt)
         else:
             packed = formats.quantize_weight(w, fmt, group_size)
         return cls(
