@@ -9,6 +9,7 @@
 from .api import AccelHandle, active_handle, apply
 from .attention.dense import DenseAttention
 from .attention.radial_method import RadialAttention
+from .attention.svg2 import SVG2Attention
 from .caching import DBCache, LeMiCa
 from .errors import AlreadyAcceleratedError, UnsupportedPipelineError
 from .preset_files import load_preset_file, save_preset_file
@@ -19,6 +20,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AccelHandle", "AlreadyAcceleratedError", "DBCache", "DenseAttention", "LeMiCa", "Preset", "RadialAttention",
-    "TextEncoderQuant", "UnsupportedPipelineError", "active_handle", "apply", "list_presets", "load_preset_file",
-    "save_preset_file", "__version__",
+    "SVG2Attention", "TextEncoderQuant", "UnsupportedPipelineError", "active_handle", "apply", "list_presets",
+    "load_preset_file", "save_preset_file", "__version__",
 ]

@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional
 
 from .attention.dense import DenseAttention
 from .attention.radial_method import RadialAttention
+from .attention.svg2 import SVG2Attention
 from .caching import DBCache
 from .method import MethodConfig
 
@@ -157,6 +158,7 @@ def combined_preset(name: str, family: Optional[str] = None) -> Preset:
 _PRESETS: dict[str, Callable[..., Preset]] = {
     "dense": lambda: Preset(attention=DenseAttention(), name="dense"),
     "radial": lambda: Preset(attention=RadialAttention(), name="radial"),
+    "svg2": lambda: Preset(attention=SVG2Attention(), name="svg2"),
     "dbcache": lambda: Preset(cache=DBCache(), name="dbcache"),
     **{name: (lambda family=None, name=name: combined_preset(name, family)) for name in COMBINED_PRESETS},
 }
