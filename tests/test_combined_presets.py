@@ -147,3 +147,33 @@ def test_family_parameters_come_from_the_table(tiny_pipelines):
 
 def test_combined_presets_are_listed():
     assert set(COMBINED) == {"quality", "balanced", "fast"} <= set(vidaccel.list_presets())
+
+
+def test_presets_benchmark_smoke_replays_one_step_set(tmp_path):
+    """benchmarks/bench_presets_e2e.py --smoke: every DBCache-type method computes the same replayed steps."""
+    import importlib.util
+    import json
+    import pathlib
+    import sys
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_presets_e2e.py"
+    spec = importlib.util.spec_from_file_location("bench_presets_e2e", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # its dataclasses look their module up while being defined
+    try:
+        spec.loader.exec_module(bench)
+    finally:
+        sys.modules.pop(spec.name, None)
+    out = tmp_path / "presets.json"
+    assert bench.main(["--smoke", "--steps", "5", "--only", "dbcache,lemica,fbc", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    records = {" ".join(r["method"].split(" ")[:2]): r for r in result["records"]}
+    assert not [r for r in result["records"] if "error" in r]
+    planned = result["meta"]["single_method_computed_steps"]
+    assert planned == list(bench.replay_steps(5, bench.SINGLE_METHOD_FRACTION, result["meta"]["cache_warmup_steps"]))
+    for name in ("vidaccel DBCache", "vidaccel LeMiCa", "diffusers FirstBlockCache"):
+        assert records[name]["replayed"] is True and records[name]["replayed_computed_steps"] == planned
+    for name in ("vidaccel DBCache", "vidaccel LeMiCa"):
+        assert records[name]["computed_steps"] == {"transformer/cond": len(planned), "transformer/uncond": len(planned)}
+    assert records["diffusers FirstBlockCache"]["computed_steps"]["decisions_compute"] == 2 * len(planned)
+    assert records["dense"]["speedup"] == 1.0
