@@ -2,11 +2,12 @@
 
 (a) One attention layer at Wan 2.1-1.3B 480p (1x32760x12x128 bf16) and Wan 2.1-14B 720p (1x75600x40x128): warm
     k-means of q and of k (2 iterations each), permutation, selection, variable-block attention, inverse
-    permutation, the whole warm product, and the cold first product (50 iterations), against cuDNN dense SDPA of
-    the same layer (CUDA events, median of >= 10). q and k are synthetic but clustered (tokens drawn around a
-    few hundred random centres with noise; random q/k would give near-uniform attention and near-dense
-    selection); the density the method chose is reported, and the attention is also timed at a fixed ~30%
-    cluster density (the 2.7x attention-speedup target of issue #7 is for ~30% density).
+    permutation, the whole warm product, and the cold first product (up to 50 iterations, fewer once the labels
+    settle), against cuDNN dense SDPA of the same layer (CUDA events, median of >= 10). q and k are synthetic
+    but clustered (tokens drawn around a few hundred random centres with noise; random q/k would give
+    near-uniform attention and near-dense selection); the density the method chose is reported, and the
+    attention is also timed at a fixed ~30% cluster density (the 2.7x attention-speedup target of issue #7 is
+    for ~30% density).
 (b) One transformer call of the full-size Wan 2.1-1.3B architecture (random weights, bf16, 480p 81 frames, latent
     21x60x104) dense vs SVG2 through vidaccel.apply, the transformer called directly inside its step context
     (as benchmarks/bench_radial_e2e.py does); cold (first sparse step) and warm calls; a 50-step CFG figure
@@ -135,7 +136,8 @@ def layer_breakdown(spec, device, dtype, reps):
 
     # compile / autotune on a first product, then a cold one timed (a fresh state key)
     method.sparse_step(q, k, v, ("compile", 0, "cond"))
-    cold_ms = once_ms(lambda: method.sparse_step(q, k, v, ("bench", 1, "cond")), device)
+    cold = []
+    cold_ms = once_ms(lambda: cold.append(method.sparse_step(q, k, v, ("bench", 1, "cond"))), device)
     step = method.sparse_step(q, k, v, ("bench", 1, "cond"))  # warm; its centroids seed the component runs
     state = method._centroids[("bench", 1, "cond")]
     qt, kt = q.transpose(1, 2), k.transpose(1, 2)
@@ -191,7 +193,9 @@ def layer_breakdown(spec, device, dtype, reps):
     return {
         "section": "a_layer_breakdown", "shape": f"{name} ({B}x{N}x{H}x{D} {str(dtype).replace('torch.', '')})",
         "query_clusters": Cq, "key_clusters": Ck, "top_p": config.top_p, "warm_iterations": it,
-        "cold_iterations": config.first_iterations, "kernel_path": backend, "dense_baseline": dense_name,
+        "cold_iterations_max": config.first_iterations,
+        "cold_iterations_run": [cold[0].query_iterations, cold[0].key_iterations], "kernel_path": backend,
+        "dense_baseline": dense_name,
         "density_chosen": density, **{key: round(value, 4) for key, value in t.items()},
         "speedup_attention_only": t["dense_ms"] / t["attention_ms"],
         "speedup_whole_product": t["dense_ms"] / t["whole_warm_product_ms"],
@@ -241,7 +245,7 @@ def transformer_section(label, loaded, latent_shape, steps, config, device, dtyp
     composed_dense = 2 * steps * dense_ms
     composed_svg2 = 2 * (dense_steps * dense_ms + min(1, sparse_steps) * cold_ms + max(0, sparse_steps - 1) * warm_ms)
     print(f"{label}: dense call {dense_ms:.0f} ms, SVG2 cold {cold_ms:.0f} ms, warm {warm_ms:.0f} ms "
-          f"({dense_ms / warm_ms:.2f}x) at density {stats['density']:.3f}; composed {steps}-step CFG "
+          f"({dense_ms / warm_ms:.2f}x) at density {stats['density'] or float('nan'):.3f}; composed {steps}-step CFG "
           f"{composed_dense / composed_svg2:.2f}x", flush=True)
     return {
         "section": label, "layers": layers, "latent": list(latent_shape), "config": config.to_dict(),

@@ -66,7 +66,9 @@ def test_sparse_steps_warm_start_and_remove_restores(kind, tiny_pipelines):
         assert stats["kmeans_cold_starts"] == stats["kmeans_warm_starts"] == per_step * (layers - 1)
     else:  # Wan 2.2: the two experts split the steps; every (expert, layer, branch) starts cold once
         assert sparse_calls(stats) > 0 and stats["kmeans_cold_starts"] > 0
-    assert stats["kmeans_iterations"] == 2 * (stats["kmeans_cold_starts"] * 4 + stats["kmeans_warm_starts"] * 2)
+    # cold starts run at most first_iterations (4) each for q and k, warm ones exactly warm_iterations (2)
+    warm_part = 2 * 2 * stats["kmeans_warm_starts"]
+    assert warm_part < stats["kmeans_iterations"] <= warm_part + 2 * 4 * stats["kmeans_cold_starts"]
     assert 0 < stats["density"] < 1
     assert all(0 < d < 1 for d in stats["density_per_layer"].values())
     assert not any(name.endswith(".0") for name in stats["density_per_layer"])  # layer 0 stays dense
@@ -170,7 +172,8 @@ def test_warm_start_uses_previous_centroids_and_new_shape_starts_cold():
     second = method.sparse_step(q, k, v, ("t", 1, "cond"))
     other_branch = method.sparse_step(q, k, v, ("t", 1, "uncond"))
     assert (first.warm, second.warm, other_branch.warm) == (False, True, False)
-    assert (first.iterations, second.iterations) == (4, 2)
+    assert first.query_iterations <= 4 and first.key_iterations <= 4
+    assert (second.query_iterations, second.key_iterations) == (2, 2)
     smaller = method.sparse_step(q[:, :40], k[:, :40], v[:, :40], ("t", 1, "cond"))
     assert not smaller.warm  # another shape: the stored centroids do not fit
 

@@ -58,7 +58,8 @@ class SVG2Step:
     q_offsets: torch.Tensor  # (B, H, Cq + 1) int32
     k_offsets: torch.Tensor  # (B, H, Ck + 1) int32
     warm: bool
-    iterations: int
+    query_iterations: int  # k-means iterations run (a cold call may stop early)
+    key_iterations: int
 
 
 class SVG2AttentionMethod(SparseAttentionMethod):
@@ -108,10 +109,12 @@ class SVG2AttentionMethod(SparseAttentionMethod):
         warm = previous is not None and previous.shape == shape
         iterations = self.config.warm_iterations if warm else self.config.first_iterations
         q_bhnd, k_bhnd = q.transpose(1, 2), k.transpose(1, 2)
+        # a cold call may stop early once the labels settle (it syncs with the host every few iterations, once
+        # per layer and generation); warm calls run their fixed few iterations without a sync
         q_km = batched_kmeans(q_bhnd, num_q, iterations=iterations, seed=self.config.seed, backend=backend,
-                              init_centroids=previous.query if warm else None)
+                              init_centroids=previous.query if warm else None, stop_when_stable=not warm)
         k_km = batched_kmeans(k_bhnd, num_k, iterations=iterations, seed=self.config.seed + 1, backend=backend,
-                              init_centroids=previous.key if warm else None)
+                              init_centroids=previous.key if warm else None, stop_when_stable=not warm)
         self._centroids[state_key] = _Centroids(shape, q_km.centroids, k_km.centroids)
         self.kmeans_iterations += q_km.iterations + k_km.iterations
         if warm:
@@ -134,7 +137,8 @@ class SVG2AttentionMethod(SparseAttentionMethod):
         lse = None
         if lse_p is not None:  # back to the original token order: lse[order[p]] = lse_p[p]
             lse = torch.empty_like(lse_p).scatter_(-1, q_perm.order, lse_p)
-        return SVG2Step(out, lse, selected, q_perm.offsets, k_perm.offsets, warm, q_km.iterations)
+        return SVG2Step(out, lse, selected, q_perm.offsets, k_perm.offsets, warm, q_km.iterations,
+                        k_km.iterations)
 
     def _record_density(self, transformer_name: str, layer_index: int, step: SVG2Step) -> None:
         from ..kernels.varblock_attention import varblock_density
