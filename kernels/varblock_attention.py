@@ -65,13 +65,17 @@ _INT32_MAX = 2**31 - 1
 def _packed_to_tokens(cum_row, start_row, pos, num_k_clusters, LOG_R: tl.constexpr):
     """Token index of each packed key position. ``cum_row[r]`` is where run ``r`` begins in the packed sequence
     (nondecreasing, ``cum_row[0] == 0``, entries past the last run equal the total); a branch-free binary search
-    finds the largest ``r`` with ``cum_row[r] <= pos``. Positions must be < the total."""
+    finds the largest ``r`` with ``cum_row[r] <= pos``. Positions must be < the total; ``2**LOG_R`` must exceed
+    the number of runs."""
     r = tl.zeros_like(pos)
+    base = tl.zeros_like(pos)  # cum_row[r]
     for step in tl.static_range(LOG_R):
         cand = r + (1 << (LOG_R - 1 - step))
         c = tl.load(cum_row + cand, mask=cand <= num_k_clusters, other=2147483647)
-        r = tl.where(c <= pos, cand, r)
-    return tl.load(start_row + r) + (pos - tl.load(cum_row + r))
+        take = c <= pos
+        r = tl.where(take, cand, r)
+        base = tl.where(take, c, base)
+    return tl.load(start_row + r) + (pos - base)
 
 
 @triton.jit
@@ -388,7 +392,7 @@ def _forward(q, k, v, q_offsets, k_offsets, selected, sm_scale=None, return_lse=
     args = (q, k, v, out, lse, q_off, plan.tile_cluster, plan.tile_row, plan.range_start, plan.range_cum,
             plan.key_count, plan.num_runs, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             H, Nq, Cq, Ck, plan.num_tiles, sm_scale * _LOG2E)
-    meta = dict(HEAD_DIM=D, BLOCK_M=block_m, LOG_R=max(1, Ck.bit_length()), KEY_MODE=KEY_MODES[key_mode],
+    meta = dict(HEAD_DIM=D, BLOCK_M=block_m, LOG_R=_search_depth(Ck), KEY_MODE=KEY_MODES[key_mode],
                 STORE_LSE=return_lse, IEEE_DOT=q.dtype == torch.float32)
     grid = (plan.num_tiles, B * H)
     if config is None and not q.is_cuda:
@@ -398,6 +402,12 @@ def _forward(q, k, v, q_offsets, k_offsets, selected, sm_scale=None, return_lse=
     else:
         _varblock_attn_fwd_tuned[grid](*args, **meta)
     return out, (lse if return_lse else None)
+
+
+def _search_depth(num_k_clusters: int) -> int:
+    """Binary-search steps over a query cluster's runs: runs are separated by at least one unselected nonempty
+    cluster, so there are at most ceil(Ck / 2) of them and indices below 2**depth must reach that many."""
+    return max(1, ((num_k_clusters + 1) // 2).bit_length())
 
 
 def varblock_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets: torch.Tensor,

@@ -97,6 +97,25 @@ def test_size_one_giant_and_empty_clusters(key_mode):
         assert torch.isneginf(lse[0, 0, rows]).all()
 
 
+@pytest.mark.parametrize("k_clusters", [9, 16])
+def test_alternating_selection_has_the_most_runs(k_clusters):
+    """Every other key cluster selected: ceil(Ck / 2) runs, the most the kernel's run search must reach."""
+    gen = torch.Generator().manual_seed(k_clusters)
+    k_sizes = torch.randint(1, 4, (1, 1, k_clusters), generator=gen)
+    kv_len = int(k_sizes.sum())
+    q_off, k_off = _offsets_from_sizes([[[20, 13]]]), _offsets_from_sizes(k_sizes)
+    selected = torch.zeros(1, 1, 2, k_clusters, dtype=torch.bool)
+    selected[..., 0, 0::2] = True
+    selected[..., 1, 1::2] = True
+    selected = selected.to(DEVICE)
+    plan = build_varblock_plan(q_off, k_off, selected, q_len=33, block_m=16)
+    assert plan.num_runs.tolist() == [[(k_clusters + 1) // 2, k_clusters // 2]]
+    q, k, v = _qkv(1, 1, 33, kv_len, 32, torch.float32, gen)
+    out, lse = _forward(q, k, v, q_off, k_off, selected, None, True, key_mode="packed", block_m=16)
+    ref, ref_lse = varblock_sparse_attention_reference(q, k, v, q_off, k_off, selected, return_lse=True)
+    _check(out, ref, lse, ref_lse)
+
+
 def test_default_entry_point_and_custom_scale():
     gen = torch.Generator().manual_seed(9)
     q_off = _random_offsets(1, 2, 40, 3, gen)
