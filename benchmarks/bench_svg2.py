@@ -32,12 +32,46 @@ import sys
 import time
 import traceback
 
+import importlib.util
+from pathlib import Path
+
 import torch
 
-import vidaccel
-from vidaccel.attention.processors import sdpa_bshd
-from vidaccel.attention.svg2 import SVG2Attention, use_svg2_kernels
-from vidaccel.attention.svg2_selection import select_key_clusters
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# pyproject.toml's package-dir mappings of folders outside vidaccel/
+_MAPPED_PACKAGES = {"vidaccel.kernels": "kernels", "vidaccel.offline_planner": "offline_planner",
+                    "vidaccel.assets": "assets", "vidaccel.demos": "demos"}
+
+
+def _import_vidaccel():
+    """vidaccel installed, or straight from this checkout (PYTHONPATH=$PWD on a bare GPU box): then the folders
+    that an install maps into vidaccel (kernels/, offline_planner/, ...) are registered by hand."""
+    try:
+        import vidaccel  # noqa: F401
+        return
+    except ModuleNotFoundError as error:
+        if error.name not in _MAPPED_PACKAGES:
+            raise
+    for name in [n for n in sys.modules if n == "vidaccel" or n.startswith("vidaccel.")]:
+        del sys.modules[name]
+    for name, folder in _MAPPED_PACKAGES.items():
+        init = ROOT / folder / "__init__.py"
+        if not init.is_file():
+            continue
+        spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(init.parent)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    import vidaccel  # noqa: F401
+
+
+_import_vidaccel()
+import vidaccel  # noqa: E402
+from vidaccel.attention.processors import sdpa_bshd  # noqa: E402
+from vidaccel.attention.svg2 import SVG2Attention, use_svg2_kernels  # noqa: E402
+from vidaccel.attention.svg2_selection import select_key_clusters  # noqa: E402
 
 # (name, batch, frames, height, width, heads, head_dim, query clusters, key clusters)
 LAYER_SHAPES = [("wan-1.3b 480p 81f", 1, 21, 30, 52, 12, 128, 300, 1000),
