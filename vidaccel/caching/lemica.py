@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import warnings
+from pathlib import Path
 from typing import Any
 
 from ..method import AccelMethod, MethodConfig
@@ -31,10 +33,12 @@ def _is_int(value: Any) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class LeMiCa(MethodConfig):
-    """Step plan cache. Give either ``computed_steps`` (0-based steps to compute; must include 0), optionally
-    with the ``num_inference_steps`` they were chosen for, or ``plan``: the path of a LeMiCa plan file, checked
-    against the pipeline's transformers and step count (``allow_rescale`` stretches a plan made for another step
-    count instead of refusing it)."""
+    """Step plan cache. Give exactly one of ``computed_steps`` (0-based steps to compute; must include 0),
+    optionally with the ``num_inference_steps`` they were chosen for; ``plan``: the path of a LeMiCa plan file,
+    checked against the pipeline's transformers and step count (``allow_rescale`` stretches a plan made for
+    another step count instead of refusing it); or ``budget``: the number of computed steps, taking the plan file
+    for that budget from ``plans_dir`` (default: the plans shipped for the reference model; ``num_inference_steps``
+    picks among plans made for several step counts)."""
 
     role = "cache"
     name = "lemica"
@@ -43,11 +47,26 @@ class LeMiCa(MethodConfig):
     num_inference_steps: int | None = None
     plan: str | None = None
     allow_rescale: bool = False
+    budget: int | None = None
+    plans_dir: str | None = None
 
     def __post_init__(self):
-        if (self.computed_steps is None) == (self.plan is None):
-            raise ValueError("LeMiCa needs exactly one of computed_steps=[...] or plan='path/to/plan.json'")
-        if self.plan is not None:
+        given = [name for name in ("computed_steps", "plan", "budget") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError("LeMiCa needs exactly one of computed_steps=[...], plan='path/to/plan.json' or "
+                             f"budget=<computed steps>; got {', '.join(given) or 'none'}")
+        if self.plans_dir is not None and self.budget is None:
+            raise ValueError("LeMiCa plans_dir goes with budget=<computed steps>")
+        if self.budget is not None:
+            if not _is_int(self.budget) or self.budget < 1:
+                raise ValueError(f"LeMiCa budget must be a positive number of computed steps, got {self.budget!r}")
+            if self.num_inference_steps is not None and (not _is_int(self.num_inference_steps)
+                                                         or self.num_inference_steps < self.budget):
+                raise ValueError(f"LeMiCa num_inference_steps must be an integer >= budget {self.budget}, "
+                                 f"got {self.num_inference_steps!r}")
+            if self.plans_dir is not None:
+                object.__setattr__(self, "plans_dir", os.fspath(self.plans_dir))
+        elif self.plan is not None:
             if not isinstance(self.plan, (str, os.PathLike)):
                 raise TypeError(f"LeMiCa plan must be the path of a plan file, got {type(self.plan).__name__}")
             object.__setattr__(self, "plan", os.fspath(self.plan))
@@ -74,8 +93,40 @@ class LeMiCa(MethodConfig):
                                      f"of a {self.num_inference_steps}-step run")
 
     def build(self) -> "LeMiCaMethod":
-        plan = LeMiCaPlan.from_json(self.plan) if self.plan is not None else None
+        path = self.plan if self.plan is not None else (self.plan_for_budget() if self.budget is not None else None)
+        plan = LeMiCaPlan.from_json(path) if path is not None else None
         return LeMiCaMethod(self, plan)
+
+    def plan_for_budget(self) -> str:
+        """The plan file for ``budget`` in ``plans_dir`` (named as `vidaccel plan` writes them)."""
+        folder = Path(self.plans_dir) if self.plans_dir is not None else shipped_plans_dir()
+        found = {}
+        for path in sorted(folder.glob("lemica-*steps-*computed.json")):
+            match = _PLAN_NAME.fullmatch(path.name)
+            if match:
+                found[(int(match["steps"]), int(match["budget"]))] = path
+        candidates = {steps: path for (steps, budget), path in found.items() if budget == self.budget
+                      and (self.num_inference_steps is None or steps == self.num_inference_steps)}
+        if len(candidates) == 1:
+            return os.fspath(next(iter(candidates.values())))
+        available = ", ".join(f"{budget} of {steps} steps" for steps, budget in sorted(found)) or "none"
+        if not candidates:
+            wanted = f"budget {self.budget}" + (f" for {self.num_inference_steps} steps"
+                                                 if self.num_inference_steps is not None else "")
+            raise ValueError(f"no LeMiCa plan with {wanted} in {folder} (available: {available}); make one with "
+                             f"`vidaccel plan --steps N --budgets {self.budget} --out DIR` and pass plans_dir=DIR")
+        raise ValueError(f"LeMiCa budget {self.budget} has plans for several step counts in {folder} "
+                         f"({', '.join(map(str, sorted(candidates)))}); pass num_inference_steps to pick one")
+
+
+_PLAN_NAME = re.compile(r"lemica-(?P<steps>\d+)steps-(?P<budget>\d+)computed\.json")
+
+
+def shipped_plans_dir() -> Path:
+    """LeMiCa plans shipped with the reference model (made on an H100 with `vidaccel plan --reference`)."""
+    from ..reference.pipeline import reference_asset_dir
+
+    return reference_asset_dir() / "lemica"
 
 
 class LeMiCaMethod(AccelMethod):

@@ -1,0 +1,68 @@
+"""LeMiCa(budget=...): the plans shipped for the reference model, and picking a plan by budget."""
+
+import shutil
+
+import pytest
+import torch
+
+import vidaccel
+from vidaccel.caching.lemica import LeMiCa, shipped_plans_dir
+from vidaccel.offline_planner.plan_file import LeMiCaPlan
+
+SHIPPED_BUDGETS = (10, 15, 20, 25)
+
+
+def test_shipped_plans_cover_the_documented_budgets():
+    for budget in SHIPPED_BUDGETS:
+        plan = LeMiCaPlan.from_json(LeMiCa(budget=budget).plan_for_budget())
+        assert plan.num_inference_steps == 50 and plan.budget == budget
+        assert len(plan.computed_steps) == budget and plan.computed_steps[0] == 0
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_budget_plan_runs_on_the_reference_model():
+    from vidaccel.reference import reference_pipeline
+
+    pipe = reference_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    handle = vidaccel.apply(pipe, vidaccel.Preset(cache=LeMiCa(budget=10), name="lemica-10"))
+    try:
+        # A small video keeps this fast; the plan is checked against the model and the step count, not the size.
+        pipe("a red circle moves left over a blue background", height=64, width=64, num_frames=5,
+             num_inference_steps=50, guidance_scale=5.0, max_sequence_length=64, output_type="latent",
+             generator=torch.Generator().manual_seed(0))
+        stats = handle.stats()["cache"]
+    finally:
+        handle.remove()
+    plan = LeMiCaPlan.from_json(LeMiCa(budget=10).plan_for_budget())
+    for branch in stats["per_branch"]["transformer"].values():
+        assert tuple(branch["computed_steps"]) == tuple(plan.computed_steps)
+
+
+def test_missing_budget_names_the_available_ones(tmp_path):
+    with pytest.raises(ValueError, match=r"no LeMiCa plan with budget 7 .*available: 10 of 50 steps.*vidaccel plan"):
+        LeMiCa(budget=7).build()
+    with pytest.raises(ValueError, match="available: none"):
+        LeMiCa(budget=10, plans_dir=tmp_path).build()
+
+
+def test_several_step_counts_need_num_inference_steps(tmp_path):
+    source = shipped_plans_dir() / "lemica-50steps-10computed.json"
+    shutil.copy(source, tmp_path / "lemica-50steps-10computed.json")
+    shutil.copy(source, tmp_path / "lemica-40steps-10computed.json")
+    with pytest.raises(ValueError, match="several step counts.*40, 50.*num_inference_steps"):
+        LeMiCa(budget=10, plans_dir=tmp_path).build()
+    chosen = LeMiCa(budget=10, plans_dir=tmp_path, num_inference_steps=50).plan_for_budget()
+    assert chosen.endswith("lemica-50steps-10computed.json")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({}, "exactly one of"),
+    ({"budget": 10, "computed_steps": (0, 2)}, "exactly one of"),
+    ({"budget": 0}, "positive number"),
+    ({"budget": 10, "num_inference_steps": 5}, ">= budget 10"),
+    ({"computed_steps": (0, 2), "plans_dir": "x"}, "plans_dir goes with budget"),
+])
+def test_invalid_configs(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LeMiCa(**kwargs)
