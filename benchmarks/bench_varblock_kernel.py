@@ -6,9 +6,10 @@ query cluster a random set of key clusters filling the target density, it times:
   * dense SDPA with the cuDNN backend (the baseline);
   * ``varblock_sparse_attention`` at densities ~10/20/30/50/100%, key modes "packed" and "ranges", the whole
     call (plan built on device + kernel) and, at 30%, the kernel alone with a prebuilt plan;
-  * at 30%: the tuning candidates one by one (first shape), query tiles of 64 rows, and the same layout through
-    the fixed-block kernel (``block_sparse_attention`` over every 128x128 block the layout touches: a superset,
-    shown for speed only);
+  * at 30%: the tuning candidates one by one (first shape), query tiles of 64 rows, the same layout through the
+    fixed-block kernel (``block_sparse_attention`` over every 128x128 block the layout touches: a superset, shown
+    for speed only) and the fixed-block kernel on random 128x128 blocks at the same density (its speed without
+    clusters: the gap to it is tile padding plus index search; ``work_density_bn64`` is the padded work);
 and checks the output against a float32 masked-softmax reference on a few whole query clusters of two heads.
 One JSON record per measurement (``benchmark, method, date, device, shape, density, baseline_ms, method_ms,
 speedup`` plus details); every section is guarded, failures are recorded and the run goes on.
@@ -137,6 +138,20 @@ def reference_error(q, k, v, out, q_offsets, k_offsets, selected, heads, cluster
             worst = max(worst, float((out[0, h, rows].float() - expected).abs().max()))
             rows_checked += rows.stop - rows.start
     return worst, rows_checked
+
+
+def work_density(q_offsets, k_offsets, selected, block_m, block_n=64):
+    """Fraction of Nq x Nk the packed kernel multiplies: every query cluster pays ceil(size / block_m) full
+    tiles of rows and ceil(keys / block_n) full tiles of keys (tile padding included)."""
+    import torch
+
+    q_sizes = (q_offsets[..., 1:] - q_offsets[..., :-1]).double()
+    k_sizes = (k_offsets[..., 1:] - k_offsets[..., :-1]).double()
+    keys = torch.matmul(selected.double(), k_sizes.unsqueeze(-1)).squeeze(-1)  # (B, H, Cq)
+    rows = torch.ceil(q_sizes / block_m) * block_m
+    padded_keys = torch.ceil(keys / block_n) * block_n
+    total = q_offsets[..., -1].double() * k_offsets[..., -1].double()
+    return float(((rows * padded_keys).sum(-1) / total).mean())
 
 
 def fixed_block_layout(bsa, q_offsets, k_offsets, selected, n, block=128):
@@ -284,6 +299,7 @@ def main():
                         del out
                         ms = time_ms(call, on_gpu, warmup, reps)
                         extra = {"key_mode": key_mode, "block_m": block_m, "includes_plan": True,
+                                 "work_density_bn64": round(work_density(q_off, k_off, sel, block_m), 5),
                                  "first_call_s": round(first_s, 2), "max_abs_err_vs_fp32": err,
                                  "rows_checked": rows, "layout": layout}
                         tuned = getattr(vba._varblock_attn_fwd_tuned, "best_config", None)
@@ -325,6 +341,21 @@ def main():
                                layout=layout)
 
                     section(f"{shape_name}/fixed_block", fixed_block)
+
+                    def fixed_block_same_density():
+                        # Random 128x128 blocks at the same density: the fixed-block kernel's speed with no
+                        # ragged clusters, to separate tile padding and index search from the rest.
+                        blocks = -(-N // fixed_tile)
+                        mask = torch.rand(B * H, blocks, blocks, generator=gen) < density
+                        block_layout = bsa.BlockLayout.from_block_mask(mask.to(dev), fixed_tile, fixed_tile,
+                                                                       q_len=N, kv_len=N)
+                        ms = time_ms(lambda: bsa.block_sparse_attention(q, k, v, block_layout), on_gpu, warmup,
+                                     reps)
+                        record("fixed_block_random_blocks", block_layout.density, ms,
+                               note="block_sparse_attention, random blocks at the varblock density (reference "
+                                    "speed without clusters)", layout=layout)
+
+                    section(f"{shape_name}/fixed_block_same_density", fixed_block_same_density)
         del q, k, v
         if on_gpu:
             torch.cuda.empty_cache()
