@@ -264,3 +264,28 @@ def test_memory_benchmark_tiny_mode(tmp_path, capsys):
     assert records["int4"]["bytes"] < 0.29 * records["bf16"]["bytes"]
     assert records["int8"]["cosine_vs_bf16"] > 0.999 and records["int4-sinq"]["cosine_vs_bf16"] > 0.97
     assert "| int4-sinq |" in capsys.readouterr().out
+    # exact accounting: the components add up to the encoder's tensors, which the packed-size formula predicts
+    for rec in records.values():
+        assert sum(c["bytes"] for c in rec["components"].values()) == rec["module_bytes"]
+        assert rec["predicted_module_bytes"] == rec["module_bytes"] and rec["unaccounted_bytes"] == 0
+    for method in ("int8", "int4", "int4-sinq"):
+        components = records[method]["components"]
+        assert "linear.float_weight" not in components and "embedding.float_table" not in components
+        assert components["embedding.packed.qweight"]["dtypes"] == ["torch.int8" if method == "int8" else "torch.uint8"]
+        assert ("linear.col_scale" in components) == (method == "int4-sinq")
+    assert records["bf16"]["components"]["embedding.float_table"]["bytes"] == 2 * vocab * dim
+
+
+def test_memory_benchmark_predicts_full_size_umt5_xxl_bytes():
+    """The formula behind the H100 table: 3.196 GB for int4 g64 with a packed table, as the H100 run's encoder held."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_text_encoder_memory.py"
+    spec = importlib.util.spec_from_file_location("bench_text_encoder_memory", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    xxl = bench.UMT5_XXL
+    assert bench.predicted_module_bytes(xxl, None) == 11_361_820_672  # 5,680,910,336 params in bf16
+    assert bench.predicted_module_bytes(xxl, bench.quant_config("int8")) == 5_686_117_888
+    assert bench.predicted_module_bytes(xxl, bench.quant_config("int4")) == 3_195_871_232
+    assert bench.predicted_module_bytes(xxl, bench.quant_config("int4-sinq")) == 3_199_213_568
+    unpacked_table = TextEncoderQuant(method="int4", group_size=64)  # the default leaves the table in bf16
+    assert bench.predicted_module_bytes(xxl, unpacked_table) == 3_195_871_232 - 590_708_736 + 2 * 256384 * 4096
