@@ -44,6 +44,7 @@ SHAPES = {
     # name: (batch, heads, tokens, head_dim)
     "wan1.3b_480p_81f": (1, 12, 32760, 128),
     "wan14b_720p_81f": (1, 40, 75600, 128),
+    "wan1.3b_480p_81f_b2": (2, 12, 32760, 128),  # both CFG branches in one batch (not run by default)
     "smoke": (1, 2, 160, 32),
 }
 
