@@ -14,8 +14,12 @@
     COMPOSED from them.
 (c) The same for Wan 2.1-14B at 720p (latent 21x90x160).
 
-    python benchmarks/bench_svg2.py --out benchmarks/results/svg2.json          # H100, ~3-4 minutes
+    python benchmarks/bench_svg2.py --out benchmarks/results/svg2.json          # H100, ~3 minutes
+    python benchmarks/bench_svg2.py --out svg2_ab.json --skip c                 # (a) + (b) only, ~1.5 minutes
+    python benchmarks/bench_svg2.py --out svg2_c.json --skip a,b                # (c) only, ~2 minutes
     python benchmarks/bench_svg2.py --out /tmp/svg2_smoke.json --smoke          # CPU, tiny shapes, seconds
+
+From a bare checkout: PYTHONPATH=$PWD (the kernels/ and offline_planner/ folders are mapped into vidaccel here).
 
 Every section runs in its own try/except: an error is recorded in the JSON and the next section runs.
 """
