@@ -13,7 +13,8 @@ the union of its clusters' key sets: with clusters of ~80-330 tokens a 128-row t
 the union costs far more than the padding rows of per-cluster tiles.) A cluster of ``s`` tokens takes
 ``ceil(s / block_m)`` tiles, so the grid has at most ``ceil(Nq / block_m) + Cq`` tiles per head; the schedule is
 built on device and unused programs exit at once. Tiles run heaviest first (most keys) so the tail holds light
-work.
+work. Padding rows are the main cost of this choice (about 19% extra work for Cq=100 and 56% for Cq=400 at Wan
+480p); optionally (``remainder_block_m``) a cluster's short tail runs in a second launch with lower tiles.
 
 Key side. Adjacent selected key clusters (empty clusters between them do not break adjacency) are merged into
 one contiguous token run. ``key_mode="packed"`` (default) concatenates a query cluster's runs into one virtual
@@ -55,6 +56,8 @@ __all__ = [
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 KEY_MODES = {"packed": 0, "ranges": 1}
+# Second launch for short cluster tails (see `varblock_sparse_attention`); off until measured on the GPU.
+DEFAULT_REMAINDER_BLOCK_M: Optional[int] = None
 _INT32_MAX = 2**31 - 1
 
 
@@ -245,6 +248,11 @@ class VarBlockPlan:
     key_count: torch.Tensor  # int32 (B*H, Cq): selected key tokens of each query cluster
     num_runs: torch.Tensor  # int32 (B*H, Cq)
     block_m: int
+    # Optional second launch: a cluster's last rows, when at most remainder_block_m of them are left, run as one
+    # tile of remainder_block_m rows instead of padding a block_m tile.
+    remainder_tile_cluster: Optional[torch.Tensor] = None  # int32 (B*H, Cq)
+    remainder_tile_row: Optional[torch.Tensor] = None  # int32 (B*H, Cq)
+    remainder_block_m: Optional[int] = None
 
     @property
     def num_tiles(self) -> int:
@@ -258,7 +266,7 @@ def max_query_tiles(q_len: int, num_q_clusters: int, block_m: int) -> int:
 
 
 def build_varblock_plan(q_offsets: torch.Tensor, k_offsets: torch.Tensor, selected: torch.Tensor, q_len: int,
-                        block_m: int) -> VarBlockPlan:
+                        block_m: int, remainder_block_m: Optional[int] = None) -> VarBlockPlan:
     """Query-tile schedule and merged key runs, with torch ops on the inputs' device (no host sync)."""
     B, H, cq1 = q_offsets.shape
     num_q_clusters, num_k_clusters = cq1 - 1, k_offsets.shape[-1] - 1
@@ -291,24 +299,41 @@ def build_varblock_plan(q_offsets: torch.Tensor, k_offsets: torch.Tensor, select
     key_count = range_cum[..., -1].contiguous()
     num_runs = run_begins.sum(dim=-1, dtype=torch.int32)
 
-    # -- query tiles: ceil(size / block_m) per cluster, into a fixed number of slots ----------------------------
+    # -- query tiles ------------------------------------------------------------------------------------------
     sizes = qo[:, 1:] - qo[:, :-1]
-    tiles = (sizes + block_m - 1) // block_m
+    if remainder_block_m is None:
+        big = (sizes + block_m - 1) // block_m
+        small = torch.zeros_like(sizes)
+    else:
+        rest = sizes % block_m
+        big = sizes // block_m + (rest > remainder_block_m).long()
+        small = ((rest > 0) & (rest <= remainder_block_m)).long()
+    tile_cluster, tile_row = _tile_slots(qo, big, torch.zeros_like(sizes), key_count, block_m,
+                                         max_query_tiles(q_len, num_q_clusters, block_m))
+    rem_cluster = rem_row = None
+    if remainder_block_m is not None:
+        rem_cluster, rem_row = _tile_slots(qo, small, big * block_m, key_count, remainder_block_m, num_q_clusters)
+    return VarBlockPlan(tile_cluster, tile_row, range_start, range_cum.contiguous(), key_count,
+                        num_runs.contiguous(), block_m, rem_cluster, rem_row, remainder_block_m)
+
+
+def _tile_slots(qo, tiles, row_offset, key_count, block, slots_n):
+    """(cluster, first row) of each of ``slots_n`` tile slots per head: cluster c owns ``tiles[c]`` tiles of
+    ``block`` rows from row ``qo[c] + row_offset[c]``; heaviest (most keys) first, unused slots (cluster -1) last."""
+    bh = qo.shape[0]
+    num_q_clusters = qo.shape[1] - 1
     tile_end = torch.cumsum(tiles, dim=-1).contiguous()
-    slots_n = max_query_tiles(q_len, num_q_clusters, block_m)
-    slots = torch.arange(slots_n, device=dev, dtype=torch.int64).expand(bh, slots_n).contiguous()
+    slots = torch.arange(slots_n, device=qo.device, dtype=torch.int64).expand(bh, slots_n).contiguous()
     cluster = torch.searchsorted(tile_end, slots, right=True)  # == Cq for unused slots
     used = cluster < num_q_clusters
     cluster_c = cluster.clamp(max=num_q_clusters - 1)
     first_tile = (tile_end - tiles).gather(-1, cluster_c)
-    row = qo.gather(-1, cluster_c) + (slots - first_tile) * block_m
-    # Heaviest tiles (most keys) first, unused slots last.
+    row = qo.gather(-1, cluster_c) + row_offset.gather(-1, cluster_c) + (slots - first_tile) * block
     weight = torch.where(used, key_count.gather(-1, cluster_c).to(torch.int64), torch.full_like(cluster, -1))
     order = torch.argsort(weight, dim=-1, descending=True, stable=True)
     tile_cluster = torch.where(used, cluster, torch.full_like(cluster, -1)).gather(-1, order).to(torch.int32)
     tile_row = torch.where(used, row, torch.zeros_like(row)).gather(-1, order).to(torch.int32)
-    return VarBlockPlan(tile_cluster.contiguous(), tile_row.contiguous(), range_start, range_cum.contiguous(),
-                        key_count, num_runs.contiguous(), block_m)
+    return tile_cluster.contiguous(), tile_row.contiguous()
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -368,7 +393,8 @@ def _validate(q, k, v, q_offsets, k_offsets, selected, *, check_values: bool, fo
 # Public API
 # ------------------------------------------------------------------------------------------------------------
 def _forward(q, k, v, q_offsets, k_offsets, selected, sm_scale=None, return_lse=False, *, key_mode="packed",
-             block_m: Optional[int] = None, config: Optional[VarBlockConfig] = None,
+             block_m: Optional[int] = None, remainder_block_m: Optional[int] = -1,
+             config: Optional[VarBlockConfig] = None, remainder_config: Optional[VarBlockConfig] = None,
              check_offsets: Optional[bool] = None, plan: Optional[VarBlockPlan] = None):
     if key_mode not in KEY_MODES:
         raise ValueError(f"key_mode must be one of {sorted(KEY_MODES)}, got {key_mode!r}")
@@ -381,26 +407,40 @@ def _forward(q, k, v, q_offsets, k_offsets, selected, sm_scale=None, return_lse=
     block_m = _default_block_m(q) if block_m is None else int(block_m)
     if block_m < 16 or block_m & (block_m - 1):
         raise ValueError(f"block_m must be a power of two >= 16, got {block_m}")
+    if remainder_block_m == -1:  # the module default, only meaningful next to the default block_m
+        remainder_block_m = DEFAULT_REMAINDER_BLOCK_M if q.is_cuda and block_m == 128 else None
+    if remainder_block_m is not None:
+        remainder_block_m = int(remainder_block_m)
+        if remainder_block_m < 16 or remainder_block_m & (remainder_block_m - 1) or remainder_block_m >= block_m:
+            raise ValueError(f"remainder_block_m must be a power of two >= 16 below block_m={block_m}, "
+                             f"got {remainder_block_m}")
     if plan is None:
-        plan = build_varblock_plan(q_offsets, k_offsets, selected, Nq, block_m)
-    elif plan.block_m != block_m:
-        raise ValueError(f"plan was built for block_m={plan.block_m}, not {block_m}")
+        plan = build_varblock_plan(q_offsets, k_offsets, selected, Nq, block_m, remainder_block_m)
+    elif (plan.block_m, plan.remainder_block_m) != (block_m, remainder_block_m):
+        raise ValueError(f"plan was built for block_m={plan.block_m}, remainder_block_m={plan.remainder_block_m}, "
+                         f"not {block_m}, {remainder_block_m}")
 
     out = torch.empty((B, H, Nq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device) if return_lse else out
     q_off = q_offsets.reshape(B * H, Cq + 1).contiguous()
-    args = (q, k, v, out, lse, q_off, plan.tile_cluster, plan.tile_row, plan.range_start, plan.range_cum,
-            plan.key_count, plan.num_runs, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            H, Nq, Cq, Ck, plan.num_tiles, sm_scale * _LOG2E)
-    meta = dict(HEAD_DIM=D, BLOCK_M=block_m, LOG_R=_search_depth(Ck), KEY_MODE=KEY_MODES[key_mode],
-                STORE_LSE=return_lse, IEEE_DOT=q.dtype == torch.float32)
-    grid = (plan.num_tiles, B * H)
-    if config is None and not q.is_cuda:
-        config = _INTERPRETER_CONFIG
-    if config is not None:
-        _varblock_attn_fwd[grid](*args, **meta, BLOCK_N=config.block_n, **config.launch_options())
-    else:
-        _varblock_attn_fwd_tuned[grid](*args, **meta)
+    launches = [(plan.tile_cluster, plan.tile_row, block_m, config)]
+    if plan.remainder_block_m is not None:
+        launches.append((plan.remainder_tile_cluster, plan.remainder_tile_row, plan.remainder_block_m,
+                         remainder_config))
+    for tile_cluster, tile_row, tile_m, cfg in launches:  # disjoint query rows
+        num_tiles = tile_cluster.shape[1]
+        args = (q, k, v, out, lse, q_off, tile_cluster, tile_row, plan.range_start, plan.range_cum,
+                plan.key_count, plan.num_runs, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+                H, Nq, Cq, Ck, num_tiles, sm_scale * _LOG2E)
+        meta = dict(HEAD_DIM=D, BLOCK_M=tile_m, LOG_R=_search_depth(Ck), KEY_MODE=KEY_MODES[key_mode],
+                    STORE_LSE=return_lse, IEEE_DOT=q.dtype == torch.float32)
+        grid = (num_tiles, B * H)
+        if cfg is None and not q.is_cuda:
+            cfg = _INTERPRETER_CONFIG
+        if cfg is not None:
+            _varblock_attn_fwd[grid](*args, **meta, BLOCK_N=cfg.block_n, **cfg.launch_options())
+        else:
+            _varblock_attn_fwd_tuned[grid](*args, **meta)
     return out, (lse if return_lse else None)
 
 
@@ -413,7 +453,7 @@ def _search_depth(num_k_clusters: int) -> int:
 def varblock_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets: torch.Tensor,
                               k_offsets: torch.Tensor, selected: torch.Tensor, *, sm_scale: Optional[float] = None,
                               return_lse: bool = False, key_mode: str = "packed", block_m: Optional[int] = None,
-                              check_offsets: Optional[bool] = None):
+                              remainder_block_m: Optional[int] = -1, check_offsets: Optional[bool] = None):
     """Sparse attention of clustered (permuted) tokens: query cluster ``i`` sees the keys of every key cluster
     ``j`` with ``selected[b, h, i, j]``.
 
@@ -424,12 +464,15 @@ def varblock_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     ``merge_attention_partials``.
 
     ``key_mode``: "packed" (default; gathered full key tiles) or "ranges" (contiguous tiles per merged run).
-    ``block_m``: query tile rows (128 on GPU). ``check_offsets``: verify offset values (first 0, last N,
-    nondecreasing); this reads them on the host, so the default does it only for CPU tensors.
+    ``block_m``: query tile rows (128 on GPU). ``remainder_block_m``: when set (e.g. 64), a cluster's last rows,
+    if at most that many, run in a second launch with tiles of that height instead of padding a ``block_m`` tile
+    (default: ``DEFAULT_REMAINDER_BLOCK_M`` on GPU with 128-row tiles; None turns it off). ``check_offsets``:
+    verify offset values (first 0, last N, nondecreasing); this reads them on the host, so the default does it
+    only for CPU tensors.
     Raises ValueError for inputs it does not support (the caller should then use dense attention).
     """
     out, lse = _forward(q, k, v, q_offsets, k_offsets, selected, sm_scale, return_lse, key_mode=key_mode,
-                        block_m=block_m, check_offsets=check_offsets)
+                        block_m=block_m, remainder_block_m=remainder_block_m, check_offsets=check_offsets)
     return (out, lse) if return_lse else out
 
 

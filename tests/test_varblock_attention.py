@@ -116,6 +116,26 @@ def test_alternating_selection_has_the_most_runs(k_clusters):
     _check(out, ref, lse, ref_lse)
 
 
+@pytest.mark.parametrize("key_mode", ["packed", "ranges"])
+def test_remainder_tiles_cover_short_cluster_tails(key_mode):
+    """32-row tiles plus a second launch of 16-row tiles for tails of at most 16 rows."""
+    gen = torch.Generator().manual_seed(12)
+    q_sizes = [[[0, 5, 16, 17, 32, 40, 49, 1], [64, 0, 33, 0, 0, 63, 0, 0]]]  # tails 5 16 17 0 8 17 1 / 0 1 31
+    q_off, k_off = _offsets_from_sizes(q_sizes), _random_offsets(1, 2, 57, 6, gen)
+    selected = (torch.rand(1, 2, 8, 6, generator=gen) < 0.6).to(DEVICE)
+    plan = build_varblock_plan(q_off, k_off, selected, q_len=160, block_m=32, remainder_block_m=16)
+    assert (plan.tile_cluster[0] >= 0).sum().item() == 0 + 0 + 0 + 1 + 1 + 1 + 2 + 0  # tails 17 add a big tile
+    assert (plan.remainder_tile_cluster[0] >= 0).sum().item() == 4  # tails 5, 16, 8, 1
+    assert (plan.tile_cluster[1] >= 0).sum().item() == 2 + 1 + 2 and (plan.remainder_tile_cluster[1] >= 0).sum() == 1
+    q, k, v = _qkv(1, 2, 160, 57, 32, torch.float32, gen)
+    out, lse = _forward(q, k, v, q_off, k_off, selected, None, True, key_mode=key_mode, block_m=32,
+                        remainder_block_m=16)
+    ref, ref_lse = varblock_sparse_attention_reference(q, k, v, q_off, k_off, selected, return_lse=True)
+    _check(out, ref, lse, ref_lse)
+    with pytest.raises(ValueError, match="remainder_block_m"):
+        varblock_sparse_attention(q, k, v, q_off, k_off, selected, block_m=32, remainder_block_m=32)
+
+
 def test_default_entry_point_and_custom_scale():
     gen = torch.Generator().manual_seed(9)
     q_off = _random_offsets(1, 2, 40, 3, gen)
