@@ -4,8 +4,9 @@ For Wan 2.1-1.3B 480p (B1 H12 N32760 D128) and Wan 2.1-14B 720p (B1 H40 N75600 D
 cluster layouts (cluster sizes uniform in [0.5, 1.5] x N/C, Ck = 1000 key clusters, Cq query clusters) and per
 query cluster a random set of key clusters filling the target density, it times:
   * dense SDPA with the cuDNN backend (the baseline);
-  * ``varblock_sparse_attention`` at densities ~10/20/30/50/100%, key modes "packed" and "ranges", the whole
-    call (plan built on device + kernel) and, at 30%, the kernel alone with a prebuilt plan;
+  * ``varblock_sparse_attention`` at densities ~10/20/30/50/100%, key modes "packed" and "ranges", with and
+    without the 64-row remainder launch, the whole call (plan built on device + kernel) and, at 30%, the kernel
+    alone with a prebuilt plan;
   * at 30%: the tuning candidates one by one (first shape), query tiles of 64 rows, the same layout through the
     fixed-block kernel (``block_sparse_attention`` over every 128x128 block the layout touches: a superset, shown
     for speed only) and the fixed-block kernel on random 128x128 blocks at the same density (its speed without
@@ -140,15 +141,20 @@ def reference_error(q, k, v, out, q_offsets, k_offsets, selected, heads, cluster
     return worst, rows_checked
 
 
-def work_density(q_offsets, k_offsets, selected, block_m, block_n=64):
+def work_density(q_offsets, k_offsets, selected, block_m, remainder_block_m=None, block_n=64):
     """Fraction of Nq x Nk the packed kernel multiplies: every query cluster pays ceil(size / block_m) full
-    tiles of rows and ceil(keys / block_n) full tiles of keys (tile padding included)."""
+    tiles of rows (a tail of at most remainder_block_m rows: one tile of that height) and ceil(keys / block_n)
+    full tiles of keys (tile padding included)."""
     import torch
 
     q_sizes = (q_offsets[..., 1:] - q_offsets[..., :-1]).double()
     k_sizes = (k_offsets[..., 1:] - k_offsets[..., :-1]).double()
     keys = torch.matmul(selected.double(), k_sizes.unsqueeze(-1)).squeeze(-1)  # (B, H, Cq)
     rows = torch.ceil(q_sizes / block_m) * block_m
+    if remainder_block_m:
+        tail = q_sizes % block_m
+        short = (tail > 0) & (tail <= remainder_block_m)
+        rows = torch.where(short, rows - block_m + remainder_block_m, rows)
     padded_keys = torch.ceil(keys / block_n) * block_n
     total = q_offsets[..., -1].double() * k_offsets[..., -1].double()
     return float(((rows * padded_keys).sum(-1) / total).mean())
@@ -199,7 +205,7 @@ def main():
     dtype = torch.bfloat16 if on_gpu else torch.float32
     densities = (0.3, 1.0) if args.smoke else DENSITIES
     warmup, reps = (0, 1) if args.smoke else (3, 20)
-    tile_m, fixed_tile = (128, 128) if on_gpu else (16, 32)  # small tiles keep the interpreter quick
+    tile_m, fixed_tile = (128, 128) if on_gpu else (32, 32)  # small tiles keep the interpreter quick
     device_name = torch.cuda.get_device_name() if on_gpu else "cpu (smoke)"
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     t0 = time.time()
@@ -277,18 +283,19 @@ def main():
                 focus = density_target == FOCUS_DENSITY
                 # Packed everywhere; ranges across densities on the first layout only, else at the focus density;
                 # 64-row query tiles at the focus density of the first shape (keeps the run under 3 minutes).
+                # Short cluster tails in 64-row tiles (remainder launch) wherever ranges run.
                 first_layout = shape_index == 0 and q_clusters == q_cluster_counts[0]
-                modes = [("packed", tile_m)]
+                modes = [("packed", tile_m, None)]
                 if first_layout or focus:
-                    modes.append(("ranges", tile_m))
+                    modes += [("ranges", tile_m, None), ("packed", tile_m, tile_m // 2)]
                 if focus and shape_index == 0 and on_gpu:
-                    modes.append(("packed", 64))
-                for key_mode, block_m in modes:
-                    name = f"{shape_name}/Cq{q_clusters}/d{density_target}/{key_mode}/bm{block_m}"
+                    modes.append(("packed", 64, None))
+                for key_mode, block_m, rem_m in modes:
+                    name = f"{shape_name}/Cq{q_clusters}/d{density_target}/{key_mode}/bm{block_m}/rem{rem_m}"
 
-                    def measure(key_mode=key_mode, block_m=block_m):
+                    def measure(key_mode=key_mode, block_m=block_m, rem_m=rem_m):
                         call = lambda: vba.varblock_sparse_attention(  # noqa: E731
-                            q, k, v, q_off, k_off, sel, key_mode=key_mode, block_m=block_m)
+                            q, k, v, q_off, k_off, sel, key_mode=key_mode, block_m=block_m, remainder_block_m=rem_m)
                         t_first = time.time()
                         out = call()
                         if on_gpu:
@@ -298,22 +305,26 @@ def main():
                         err, rows = reference_error(q, k, v, out, q_off, k_off, sel, heads)
                         del out
                         ms = time_ms(call, on_gpu, warmup, reps)
-                        extra = {"key_mode": key_mode, "block_m": block_m, "includes_plan": True,
-                                 "work_density_bn64": round(work_density(q_off, k_off, sel, block_m), 5),
+                        extra = {"key_mode": key_mode, "block_m": block_m, "remainder_block_m": rem_m,
+                                 "includes_plan": True,
+                                 "work_density_bn64": round(work_density(q_off, k_off, sel, block_m, rem_m), 5),
                                  "first_call_s": round(first_s, 2), "max_abs_err_vs_fp32": err,
                                  "rows_checked": rows, "layout": layout}
                         tuned = getattr(vba._varblock_attn_fwd_tuned, "best_config", None)
                         if on_gpu and tuned is not None:
                             extra["config"] = str(tuned)
-                        record(f"varblock_{key_mode}", density, ms, **extra)
+                        suffix = f"_rem{rem_m}" if rem_m else ""
+                        record(f"varblock_{key_mode}{suffix}", density, ms, **extra)
                         if focus and block_m == tile_m:
-                            plan = vba.build_varblock_plan(q_off, k_off, sel, N, block_m)
-                            plan_ms = time_ms(lambda: vba.build_varblock_plan(q_off, k_off, sel, N, block_m),
+                            plan = vba.build_varblock_plan(q_off, k_off, sel, N, block_m, rem_m)
+                            plan_ms = time_ms(lambda: vba.build_varblock_plan(q_off, k_off, sel, N, block_m, rem_m),
                                               on_gpu, warmup, reps)
                             kernel_ms = time_ms(lambda: vba._forward(q, k, v, q_off, k_off, sel, key_mode=key_mode,
-                                                                     block_m=block_m, plan=plan), on_gpu, warmup, reps)
-                            record(f"varblock_{key_mode}_kernel_only", density, kernel_ms, key_mode=key_mode,
-                                   block_m=block_m, plan_ms=round(plan_ms, 4), layout=layout)
+                                                                     block_m=block_m, remainder_block_m=rem_m,
+                                                                     plan=plan), on_gpu, warmup, reps)
+                            record(f"varblock_{key_mode}{suffix}_kernel_only", density, kernel_ms,
+                                   key_mode=key_mode, block_m=block_m, remainder_block_m=rem_m,
+                                   plan_ms=round(plan_ms, 4), layout=layout)
 
                     section(name, measure)
 
@@ -324,7 +335,8 @@ def main():
                             plan = vba.build_varblock_plan(q_off, k_off, sel, N, 128)
                             for cfg in vba._TUNING_CANDIDATES[128]:
                                 ms = time_ms(lambda: vba._forward(q, k, v, q_off, k_off, sel, key_mode=key_mode,
-                                                                  block_m=128, plan=plan, config=cfg),
+                                                                  block_m=128, remainder_block_m=None, plan=plan,
+                                                                  config=cfg),
                                              on_gpu, warmup, reps)
                                 record(f"varblock_{key_mode}_kernel_only_config", density, ms, key_mode=key_mode,
                                        config=str(cfg), layout=layout)
