@@ -369,7 +369,7 @@ def main():
                                     "speed without clusters)", layout=layout)
 
                     section(f"{shape_name}/fixed_block_same_density", fixed_block_same_density)
-        del q, k, v
+        q = k = v = None  # free the inputs before the next shape
         if on_gpu:
             torch.cuda.empty_cache()
 
