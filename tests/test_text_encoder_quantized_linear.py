@@ -142,3 +142,19 @@ def test_state_dict_round_trip_into_a_fresh_module():
     q2.load_state_dict(q.state_dict())
     x = torch.randn(2, 256)
     assert torch.equal(q(x), q2(x))
+
+
+@pytest.mark.parametrize("method", ["int8", "int8-sinq"])
+def test_fp32_model_runs_its_activations_in_fp32(method):
+    """No bf16 detour on the CPU path: the fp32 forward is bitwise the fp32 matmul with the fp32 dequantized
+    weight (after the SINQ column scale on the activation's input features)."""
+    layer = _linear(inp=256, out=96)
+    q = QuantizedLinear.from_linear(layer, method)
+    x = torch.randn(4, 256)
+    h = x if q.col_scale is None else x * q.col_scale
+    w = formats.dequantize_weight(q.packed, torch.float32)
+    assert w.dtype == torch.float32 and q.packed.tensors["scale"].dtype == torch.float32
+    assert torch.equal(q(x), F.linear(h, w, layer.bias))
+    assert q(x).dtype == torch.float32
+    if q.col_scale is not None:
+        assert q.col_scale.shape == (256,)  # one per input feature
