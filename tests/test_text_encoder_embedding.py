@@ -246,7 +246,7 @@ def test_memory_benchmark_tiny_mode(tmp_path, capsys):
     out = tmp_path / "memory.json"
     assert bench.main(["--tiny", "--out", str(out)]) == 0
     records = {rec["method"]: rec for rec in json.loads(out.read_text())}
-    assert list(records) == ["bf16", "int8", "int4", "int4-sinq"]
+    assert list(records) == ["bf16", "int8", "int8-sinq", "int4", "int4-sinq"]
     for rec in records.values():
         assert {"benchmark", "method", "date", "device", "shape", "bytes", "baseline_ms", "method_ms",
                 "speedup"} <= rec.keys()
@@ -268,11 +268,12 @@ def test_memory_benchmark_tiny_mode(tmp_path, capsys):
     for rec in records.values():
         assert sum(c["bytes"] for c in rec["components"].values()) == rec["module_bytes"]
         assert rec["predicted_module_bytes"] == rec["module_bytes"] and rec["unaccounted_bytes"] == 0
-    for method in ("int8", "int4", "int4-sinq"):
+    for method in ("int8", "int8-sinq", "int4", "int4-sinq"):
         components = records[method]["components"]
         assert "linear.float_weight" not in components and "embedding.float_table" not in components
-        assert components["embedding.packed.qweight"]["dtypes"] == ["torch.int8" if method == "int8" else "torch.uint8"]
-        assert ("linear.col_scale" in components) == (method == "int4-sinq")
+        int8 = method.startswith("int8")
+        assert components["embedding.packed.qweight"]["dtypes"] == ["torch.int8" if int8 else "torch.uint8"]
+        assert ("linear.col_scale" in components) == method.endswith("sinq")
     assert records["bf16"]["components"]["embedding.float_table"]["bytes"] == 2 * vocab * dim
 
 
@@ -289,3 +290,23 @@ def test_memory_benchmark_predicts_full_size_umt5_xxl_bytes():
     assert bench.predicted_module_bytes(xxl, bench.quant_config("int4-sinq")) == 3_199_213_568
     unpacked_table = TextEncoderQuant(method="int4", group_size=64)  # the default leaves the table in bf16
     assert bench.predicted_module_bytes(xxl, unpacked_table) == 3_195_871_232 - 590_708_736 + 2 * 256384 * 4096
+
+
+def test_memory_benchmark_finds_tensors_the_encoder_does_not_own():
+    """The check that would have caught the leaked table: a packed table kept alive outside the encoder."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_text_encoder_memory.py"
+    spec = importlib.util.spec_from_file_location("bench_text_encoder_memory", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    encoder = bench.build_encoder(bench.UMT5_TINY, "cpu")
+    quantize_text_encoder(encoder, bench.quant_config("int4"))
+    before = bench.device_tensors_outside(encoder, "cpu")
+    other = bench.build_encoder(bench.UMT5_TINY, "cpu")
+    quantize_text_encoder(other, bench.quant_config("int8"))
+    leaked = {id(m): m for m in other.modules() if isinstance(m, QuantizedEmbedding)}  # the old benchmark's slip
+    del other
+    gc.collect()
+    after = bench.device_tensors_outside(encoder, "cpu")
+    table = next(iter(leaked.values())).parameter_bytes()
+    assert after["bytes"] - before["bytes"] >= table
+    assert any(entry["bytes"] == 1024 * 128 for entry in after["largest"])  # the int8 codes of the leaked table
