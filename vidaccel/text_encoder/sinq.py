@@ -1,4 +1,4 @@
-"""SINQ: Sinkhorn-style dual scaling before 4-bit asymmetric round-to-nearest.
+"""SINQ: Sinkhorn-style dual scaling before round-to-nearest (int4 asymmetric per group, or int8 per row).
 
 A weight with outlier rows and columns quantizes badly per group. SINQ cuts ``W`` into tiles of one column
 group (all output rows x ``g`` input columns) and, per tile, looks for a row scale ``r = exp(mu_row)`` and a
