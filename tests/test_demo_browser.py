@@ -150,7 +150,8 @@ def test_generate_in_the_browser(server, browser):
     page.wait_for_function("() => document.querySelector('#metrics').innerText.includes('(cached run)')",
                            timeout=GENERATE_TIMEOUT_MS)
     metrics = page.locator("#metrics").inner_text()
-    assert "2 computed, 2 cached" in metrics and "radial (modified)" in metrics and "dbcache" in metrics
+    # the page opens on the demo's default preset ("balanced" now that the combined presets exist)
+    assert "2 computed, 2 cached" in metrics and "balanced (modified)" in metrics and "dbcache" in metrics
     dense_again = _video_ready(page, "#dense-video")
     assert Path(dense_again["src"]).name == Path(dense["src"]).name  # the same dense file, not a new run
 
