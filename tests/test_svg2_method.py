@@ -23,6 +23,14 @@ CLUSTERS = dict(query_clusters=8, key_clusters=16, first_iterations=4)
 CALLS_PER_STEP = {"cogvideox": 1}
 
 
+@pytest.fixture(autouse=True)
+def torch_reference_path(monkeypatch):
+    """In-process tests run the kernels' PyTorch references: kernel test modules set TRITON_INTERPRET=1 for the whole
+    session, and interpreting k-means and the attention kernel on every pipeline call takes minutes. The
+    interpreter path is checked against this one in a subprocess (test_triton_interpreter_path_matches_torch_path)."""
+    monkeypatch.setattr(svg2, "use_svg2_kernels", lambda x: False)
+
+
 def latents(pipe, kind, steps=3, batch=2, cfg=True):
     call = {**tiny_call_kwargs(kind, steps=steps, batch_size=batch, cfg=cfg), **SIZE, "output_type": "latent"}
     return pipe(**call).frames
