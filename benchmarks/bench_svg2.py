@@ -74,7 +74,7 @@ def _import_vidaccel():
 _import_vidaccel()
 import vidaccel  # noqa: E402
 from vidaccel.attention.processors import sdpa_bshd  # noqa: E402
-from vidaccel.attention.svg2 import SVG2Attention, use_svg2_kernels  # noqa: E402
+from vidaccel.attention.svg2 import SVG2Attention, use_triton_kernels  # noqa: E402
 from vidaccel.attention.svg2_selection import select_key_clusters  # noqa: E402
 
 # (name, batch, frames, height, width, heads, head_dim, query clusters, key clusters)
@@ -165,7 +165,7 @@ def layer_breakdown(spec, device, dtype, reps):
     name, B, F, Hh, W, H, D, Cq, Ck = spec
     N = F * Hh * W
     q, k, v = clustered_qkv(B, N, H, D, dtype, device)
-    kernels = use_svg2_kernels(q)
+    kernels = use_triton_kernels(q)
     backend = "triton" if kernels else "torch"
     attention = varblock_sparse_attention if kernels else varblock_sparse_attention_reference
     config = SVG2Attention(top_p=0.9, query_clusters=Cq, key_clusters=Ck)

@@ -17,6 +17,7 @@ import json
 import math
 import numbers
 import os
+import re
 import sys
 import tempfile
 import warnings
@@ -29,6 +30,20 @@ from .solver import PlanSegment, PlanSolution
 SCHEMA_NAME = "vidaccel.lemica-plan"
 SCHEMA_VERSION = 1
 SCHEMA = f"{SCHEMA_NAME}/{SCHEMA_VERSION}"
+
+
+def plan_filename(num_inference_steps: int, budget: int) -> str:
+    """The name `vidaccel plan` gives a plan file; `parse_plan_filename` reads it back."""
+    return f"lemica-{num_inference_steps}steps-{budget}computed.json"
+
+
+_PLAN_FILENAME = re.compile(r"lemica-(?P<steps>\d+)steps-(?P<budget>\d+)computed\.json")
+
+
+def parse_plan_filename(name: str) -> tuple[int, int] | None:
+    """(num_inference_steps, budget) of a plan file name written by `plan_filename`, else None."""
+    match = _PLAN_FILENAME.fullmatch(name)
+    return (int(match["steps"]), int(match["budget"])) if match else None
 
 # Hex digits of SHA-256 kept in a fingerprint: 64 bits tell configs apart and stay readable in messages.
 _FINGERPRINT_HEX_DIGITS = 16

@@ -17,7 +17,7 @@ from vidaccel.adapters import for_pipeline
 
 from .dag import build_error_dag, feasible_budget_range
 from .measure import ERROR_METRICS, VIDEO_METRICS, EdgeMeasurements, candidate_edges, measure_edges
-from .plan_file import LeMiCaPlan, config_fingerprint
+from .plan_file import LeMiCaPlan, config_fingerprint, plan_filename
 from .solver import solve_lexicographic_minimax
 from .trajectories import check_call_kwargs, prompt_runs, record_trajectories
 
@@ -29,10 +29,6 @@ class PlannedBudget:
     budget: int
     plan: LeMiCaPlan
     path: str
-
-
-def plan_filename(num_inference_steps: int, budget: int) -> str:
-    return f"lemica-{num_inference_steps}steps-{budget}computed.json"
 
 
 def generation_size(pipe: Any, call_kwargs: Mapping[str, Any]) -> tuple[int, int, int]:

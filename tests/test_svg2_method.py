@@ -28,7 +28,7 @@ def torch_reference_path(monkeypatch):
     """In-process tests run the kernels' PyTorch references: kernel test modules set TRITON_INTERPRET=1 for the whole
     session, and interpreting k-means and the attention kernel on every pipeline call takes minutes. The
     interpreter path is checked against this one in a subprocess (test_triton_interpreter_path_matches_torch_path)."""
-    monkeypatch.setattr(svg2, "use_svg2_kernels", lambda x: False)
+    monkeypatch.setattr(svg2, "use_triton_kernels", lambda x: False)
 
 
 def latents(pipe, kind, steps=3, batch=2, cfg=True):
@@ -219,15 +219,15 @@ def test_config_validation_and_preset():
 
 _INTERPRETER_SCRIPT = r"""
 import torch
-from vidaccel.attention.svg2 import use_svg2_kernels
+from vidaccel.attention.svg2 import use_triton_kernels
 import vidaccel
 torch.manual_seed(0)
 q, k, v = (torch.randn(2, 48, 2, 32) for _ in range(3))
 config = vidaccel.SVG2Attention(top_p=0.7, query_clusters=4, key_clusters=6, first_iterations=2)
-assert use_svg2_kernels(q)
+assert use_triton_kernels(q)
 fast = config.build().sparse_step(q, k, v, need_lse=True)
 import vidaccel.attention.svg2 as svg2
-svg2.use_svg2_kernels = lambda x: False
+svg2.use_triton_kernels = lambda x: False
 ref = config.build().sparse_step(q, k, v, need_lse=True)
 assert torch.equal(fast.selected, ref.selected), "selection differs"
 torch.testing.assert_close(fast.out, ref.out, atol=1e-4, rtol=1e-4)

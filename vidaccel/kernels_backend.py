@@ -21,3 +21,10 @@ def kernel_backend() -> str:
     if os.environ.get("TRITON_INTERPRET") == "1":
         return "triton-interpreter"
     return "torch-reference"
+
+
+def use_triton_kernels(x) -> bool:
+    """Whether sparse methods run their Triton kernels on tensor `x` (CUDA, or the interpreter in tests) rather than
+    the plain-PyTorch references."""
+    backend = kernel_backend()
+    return backend != "torch-reference" and (x.is_cuda or backend == "triton-interpreter")

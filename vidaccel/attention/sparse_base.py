@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from ..kernels_backend import kernel_backend
+from ..kernels_backend import use_triton_kernels
 from ..layout import TokenLayout
 from .base import AttentionMethod
 from .block_sparse_torch import block_sparse_attention_gather
@@ -18,7 +18,7 @@ from .processors import AttentionCall, sdpa_bshd
 
 def run_block_sparse(q, k, v, layout, dense_kv_ranges=(), return_lse=False):
     """(batch, tokens, heads, head_dim) block-sparse attention with the best path on this machine."""
-    if kernel_backend() == "torch-reference" or not (q.is_cuda or kernel_backend() == "triton-interpreter"):
+    if not use_triton_kernels(q):
         return block_sparse_attention_gather(q, k, v, layout, tensor_layout="bshd",
                                              dense_kv_ranges=dense_kv_ranges, return_lse=return_lse)
     from ..kernels.block_sparse_attention import block_sparse_attention

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from ..kernels_backend import kernel_backend
+from ..kernels_backend import use_triton_kernels
 from ..method import MethodConfig
 from .sparse_base import SparseAttentionMethod, resolve_warmup
 from .svg2_selection import select_key_clusters
@@ -29,13 +29,6 @@ from .svg2_selection import select_key_clusters
 # Wan 480p video, so it gets fewer query clusters. Counts are clamped to the token count for small inputs.
 FAMILY_DEFAULTS = {"wan": (300, 1000), "hunyuan": (400, 1000), "cogvideox": (200, 1000)}
 _FALLBACK_CLUSTERS = (300, 1000)
-
-
-def use_svg2_kernels(x: torch.Tensor) -> bool:
-    """Triton kernels on CUDA (or under TRITON_INTERPRET=1 in tests); the PyTorch references elsewhere, as
-    `run_block_sparse` decides for the block-sparse kernel."""
-    backend = kernel_backend()
-    return backend != "torch-reference" and (x.is_cuda or backend == "triton-interpreter")
 
 
 @dataclasses.dataclass
@@ -102,7 +95,7 @@ class SVG2AttentionMethod(SparseAttentionMethod):
                              f"{tuple(k.shape)}, {tuple(v.shape)}")
         B, N, H, D = q.shape
         num_q, num_k = min(self.query_clusters, N), min(self.key_clusters, N)
-        kernels = use_svg2_kernels(q)
+        kernels = use_triton_kernels(q)
         backend = "triton" if kernels else "torch"
         shape = (B, H, N, D, num_q, num_k)
         previous = self._centroids.get(state_key)

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import warnings
 from pathlib import Path
 from typing import Any
 
 from ..method import AccelMethod, MethodConfig
-from ..offline_planner.plan_file import LeMiCaPlan, PlanMismatchError, PlanWarning, config_fingerprint
+from ..offline_planner.plan_file import (LeMiCaPlan, PlanMismatchError, PlanWarning, config_fingerprint,
+                                          parse_plan_filename)
 from .block_skip import SkippableSpan, Streams
 from .step_log import StepLog
 
@@ -102,9 +102,9 @@ class LeMiCa(MethodConfig):
         folder = Path(self.plans_dir) if self.plans_dir is not None else shipped_plans_dir()
         found = {}
         for path in sorted(folder.glob("lemica-*steps-*computed.json")):
-            match = _PLAN_NAME.fullmatch(path.name)
-            if match:
-                found[(int(match["steps"]), int(match["budget"]))] = path
+            parsed = parse_plan_filename(path.name)
+            if parsed is not None:
+                found[parsed] = path
         candidates = {steps: path for (steps, budget), path in found.items() if budget == self.budget
                       and (self.num_inference_steps is None or steps == self.num_inference_steps)}
         if len(candidates) == 1:
@@ -117,9 +117,6 @@ class LeMiCa(MethodConfig):
                              f"`vidaccel plan --steps N --budgets {self.budget} --out DIR` and pass plans_dir=DIR")
         raise ValueError(f"LeMiCa budget {self.budget} has plans for several step counts in {folder} "
                          f"({', '.join(map(str, sorted(candidates)))}); pass num_inference_steps to pick one")
-
-
-_PLAN_NAME = re.compile(r"lemica-(?P<steps>\d+)steps-(?P<budget>\d+)computed\.json")
 
 
 def shipped_plans_dir() -> Path:
