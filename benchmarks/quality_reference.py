@@ -31,16 +31,12 @@ import torch
 import vidaccel
 from vidaccel.metrics import json_safe, psnr, ssim
 from vidaccel.reference import data
-from vidaccel.runner import LoadedPipeline, generate, load_pipeline
-
-Config = Callable[[Any], "contextmanager[dict[str, Any]]"]
-
+from vidaccel.runner import LoadedPipeline, accelerated, generate, load_pipeline
 
 @contextmanager
 def vidaccel_preset(pipe, preset) -> Iterator[dict[str, Any]]:
-    handle = vidaccel.apply(pipe, preset)
     info: dict[str, Any] = {}
-    try:
+    with accelerated(pipe, preset) as handle:
         yield info
         stats = handle.stats()
         info["cache"] = {k: stats["cache"].get(k) for k in ("computed", "cached")} if "cache" in stats else None
@@ -48,8 +44,6 @@ def vidaccel_preset(pipe, preset) -> Iterator[dict[str, Any]]:
             attention = stats["attention"]
             info["attention"] = {k: attention.get(k) for k in ("density", "mean_density", "calls",
                                                                 "sparse_fraction_of_calls") if k in attention}
-    finally:
-        handle.remove()
 
 
 @contextmanager
