@@ -19,7 +19,7 @@ from .dag import build_error_dag, feasible_budget_range
 from .measure import ERROR_METRICS, VIDEO_METRICS, EdgeMeasurements, candidate_edges, measure_edges
 from .plan_file import LeMiCaPlan, config_fingerprint, plan_filename
 from .solver import solve_lexicographic_minimax
-from .trajectories import check_call_kwargs, prompt_runs, record_trajectories
+from .trajectories import check_call_kwargs, generation_setting, prompt_runs, record_trajectories
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,14 +106,18 @@ def make_plans(
     runs = prompt_runs(prompts, seed)
     transformers = for_pipeline(pipe).transformers()
 
-    trajectories = record_trajectories(
-        pipe, runs, num_inference_steps, call_kwargs,
-        decode=metric in VIDEO_METRICS, cache_dir=trajectory_dir, progress=progress,
-    )
-    measurements = measure_edges(
-        pipe, trajectories, candidate_edges(num_inference_steps, max_skip), call_kwargs,
-        checkpoint=checkpoint, progress=progress,
-    )
+    edges = candidate_edges(num_inference_steps, max_skip)
+    measurements = complete_checkpoint(pipe, runs, num_inference_steps, call_kwargs, edges, checkpoint,
+                                       decode=metric in VIDEO_METRICS)
+    if measurements is None:
+        trajectories = record_trajectories(
+            pipe, runs, num_inference_steps, call_kwargs,
+            decode=metric in VIDEO_METRICS, cache_dir=trajectory_dir, progress=progress,
+        )
+        measurements = measure_edges(pipe, trajectories, edges, call_kwargs, checkpoint=checkpoint,
+                                     progress=progress)
+    elif progress:
+        print(f"[vidaccel plan] every segment is already in {os.fspath(checkpoint)}: solving without generating")
     return write_plans(
         measurements, budgets, max_skip, out_dir, metric=metric,
         transformer_classes=[type(t).__name__ for t in transformers.values()],
@@ -123,6 +127,34 @@ def make_plans(
         size=(height, width, num_frames),
         command_line=command_line,
     )
+
+
+# Where the edge errors were measured does not change what they are: a finished checkpoint made on a GPU can be
+# re-solved for other budgets on a CPU.
+_SETTING_KEYS_FREE_ON_REUSE = ("device",)
+
+
+def complete_checkpoint(
+    pipe: Any,
+    runs: Sequence[Any],
+    num_inference_steps: int,
+    call_kwargs: Mapping[str, Any],
+    edges: Sequence[tuple[int, int]],
+    checkpoint: str | os.PathLike[str] | None,
+    *,
+    decode: bool,
+) -> EdgeMeasurements | None:
+    """The checkpoint's measurements when they already hold every edge for this pipeline, setting, prompts and
+    seeds (device aside), else None (then the planner generates and measures what is missing)."""
+    if checkpoint is None or not os.path.exists(checkpoint):
+        return None
+    stored = EdgeMeasurements.load(checkpoint)
+    wanted = {**generation_setting(pipe, num_inference_steps, call_kwargs), "decode": decode}
+    differs = [key for key in set(wanted) | set(stored.setting)
+               if key not in _SETTING_KEYS_FREE_ON_REUSE and wanted.get(key) != stored.setting.get(key)]
+    if differs or tuple(stored.runs) != tuple(runs) or any(edge not in stored.errors for edge in edges):
+        return None
+    return stored
 
 
 def write_plans(

@@ -86,6 +86,33 @@ def test_make_plans_writes_valid_optimal_plans(small_wan, tmp_path):
     assert len(calls) == 2 * planned[1].budget  # cond and uncond at each computed step
 
 
+def test_finished_checkpoint_is_solved_again_without_generating(small_wan, tmp_path, monkeypatch):
+    from vidaccel.offline_planner import planner
+
+    pipe, kwargs = small_wan, planner_kwargs("wan")
+    prompts = ["a red circle moves left"]
+    checkpoint = tmp_path / "edges.json"
+    first = make_plans(pipe, prompts, STEPS, [3], 2, kwargs, tmp_path / "a", checkpoint, progress=False)
+    # measured on another device: the errors still hold, so a finished checkpoint is re-solved as it is
+    data = EdgeMeasurements.load(checkpoint).to_dict()
+    data["setting"]["device"] = "cuda"
+    EdgeMeasurements.from_dict(data).save(checkpoint)
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("a finished checkpoint must not generate again")
+
+    monkeypatch.setattr(planner, "record_trajectories", no_generation)
+    again = make_plans(pipe, prompts, STEPS, [3, 4], 2, kwargs, tmp_path / "b", checkpoint, progress=False)
+    assert [item.budget for item in again] == [3, 4]
+    assert again[0].plan.computed_steps == first[0].plan.computed_steps
+    # another setting (guidance scale) or other prompts: measured again, never mixed
+    with pytest.raises(AssertionError, match="must not generate"):
+        make_plans(pipe, prompts, STEPS, [3], 2, {**kwargs, "guidance_scale": 7.5}, tmp_path / "c", checkpoint,
+                   progress=False)
+    with pytest.raises(AssertionError, match="must not generate"):
+        make_plans(pipe, ["another prompt"], STEPS, [3], 2, kwargs, tmp_path / "d", checkpoint, progress=False)
+
+
 def test_make_plans_checks_budgets_and_metric_before_measuring(small_wan, tmp_path):
     kwargs = planner_kwargs("wan")
     with pytest.raises(ValueError, match="budget 1 is infeasible for 6 steps with max_skip=2"):

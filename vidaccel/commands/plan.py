@@ -3,7 +3,8 @@
     vidaccel plan --model ./Wan2.1-T2V-1.3B-Diffusers --steps 50 --budgets 10,15,20 --out plans/
     vidaccel plan --tiny wan --steps 6 --budgets 3,4 --max-skip 2 --out /tmp/plans
 
-Segment errors are checkpointed after each segment; rerun with ``--resume`` to continue an interrupted run.
+Segment errors are checkpointed after each segment; rerun with ``--resume`` to continue an interrupted run. A
+finished checkpoint is solved again for new budgets without generating (wherever it was measured).
 """
 
 from __future__ import annotations
