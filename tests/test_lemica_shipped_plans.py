@@ -66,3 +66,52 @@ def test_several_step_counts_need_num_inference_steps(tmp_path):
 def test_invalid_configs(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LeMiCa(**kwargs)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_fallback_runs_the_plan_where_one_fits_the_model():
+    from vidaccel.reference import reference_pipeline
+
+    pipe = reference_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    config = LeMiCa(budget=10, num_inference_steps=50, allow_rescale=True, fallback=vidaccel.DBCache())
+    with vidaccel.apply(pipe, vidaccel.Preset(cache=config, name="planned")) as handle:
+        pipe("a red circle moves left over a blue background", height=64, width=64, num_frames=5,
+             num_inference_steps=25, guidance_scale=5.0, max_sequence_length=64, output_type="latent",
+             generator=torch.Generator().manual_seed(0))
+        stats = handle.stats()["cache"]
+    assert "fallback" not in stats
+    plan = LeMiCaPlan.from_json(LeMiCa(budget=10).plan_for_budget()).rescaled(25)
+    for branch in stats["per_branch"]["transformer"].values():
+        assert tuple(branch["computed_steps"]) == tuple(plan.computed_steps)
+
+
+def test_fallback_runs_where_no_plan_fits_the_model(tmp_path, monkeypatch):
+    from vidaccel.caching.dbcache import DBCache
+    from vidaccel.offline_planner.plan_file import PlanWarning
+    from vidaccel.testing import tiny_call_kwargs, tiny_pipeline
+
+    monkeypatch.setenv("VIDACCEL_PLANS_DIR", str(tmp_path))  # searched beside the shipped plans: empty here
+    pipe = tiny_pipeline("wan", num_layers=2)
+    def call():
+        return {**tiny_call_kwargs("wan", steps=6), "output_type": "latent"}  # a fresh seeded generator each time
+
+    dense = pipe(**call()).frames
+    config = LeMiCa(budget=10, fallback=DBCache(Fn=1, Bn=0, threshold=1e9, warmup_steps=2))
+    with pytest.warns(PlanWarning, match="no LeMiCa plan with budget 10 for this model.*vidaccel plan"):
+        handle = vidaccel.apply(pipe, vidaccel.Preset(cache=config, name="fallback"))
+    try:
+        pipe(**call())
+        stats = handle.stats()["cache"]
+    finally:
+        handle.remove()
+    assert stats["fallback"]["method"] == "dbcache"
+    assert stats["cached"] > 0  # the fallback DBCache ran (its threshold caches every step after warm-up)
+    assert torch.equal(pipe(**call()).frames, dense)  # removed without a trace
+
+
+def test_fallback_needs_a_budget_and_a_cache_method():
+    with pytest.raises(ValueError, match="fallback goes with budget"):
+        LeMiCa(computed_steps=(0, 2), fallback=vidaccel.DBCache())
+    with pytest.raises(TypeError, match="cache method config"):
+        LeMiCa(budget=10, fallback=vidaccel.RadialAttention())

@@ -91,6 +91,8 @@ def _init_fields(cls: type[MethodConfig]) -> list[dataclasses.Field]:
 # --- to and from dictionaries -----------------------------------------------------------------------------------
 
 def _jsonable(value: Any) -> Any:
+    if isinstance(value, MethodConfig):  # a nested method (LeMiCa's fallback cache)
+        return config_to_dict(value)
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     if isinstance(value, dict):
@@ -125,6 +127,16 @@ def _is_tuple_field(cls: type, field: dataclasses.Field) -> bool:
     return _allows_tuple(hints.get(field.name))
 
 
+def _is_config_field(cls: type, field: dataclasses.Field) -> bool:
+    """Whether the field holds another method config (written as a nested ``{"method": ...}`` object)."""
+    try:
+        hint = typing.get_type_hints(cls).get(field.name)
+    except Exception:
+        return False
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    return any(isinstance(option, type) and issubclass(option, MethodConfig) for option in options)
+
+
 def config_from_dict(role: str, data: Any, where: str = "preset") -> MethodConfig:
     """The config of `role` that `data` (``{"method": name, field: value, ...}``) describes."""
     if not isinstance(data, dict):
@@ -149,6 +161,8 @@ def config_from_dict(role: str, data: Any, where: str = "preset") -> MethodConfi
         field = fields[key]
         if isinstance(value, list) and _is_tuple_field(cls, field):
             value = tuple(value)
+        elif isinstance(value, dict) and _is_config_field(cls, field):
+            value = config_from_dict(role, value, f"{where}: {method}.{key}")
         kwargs[field.name] = value
     try:
         return cls(**kwargs)

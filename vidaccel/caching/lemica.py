@@ -25,6 +25,7 @@ from .block_skip import SkippableSpan, Streams
 from .step_log import StepLog
 
 _HOOK_NAME = "vidaccel.lemica"
+PLANS_DIR_ENV_VAR = "VIDACCEL_PLANS_DIR"
 
 
 def _is_int(value: Any) -> bool:
@@ -38,7 +39,15 @@ class LeMiCa(MethodConfig):
     checked against the pipeline's transformers and step count (``allow_rescale`` stretches a plan made for
     another step count instead of refusing it); or ``budget``: the number of computed steps, taking the plan file
     for that budget from ``plans_dir`` (default: the plans shipped for the reference model; ``num_inference_steps``
-    picks among plans made for several step counts)."""
+    picks among plans made for several step counts).
+
+    ``fallback`` (with ``budget``): the cache method to install instead when the plan folders hold no plan with
+    that budget for this pipeline's model (a one-time warning says how to make one). The combined presets use it
+    so that they run on any model, and run the plan where one exists. Without a fallback a missing or foreign
+    plan is an error.
+
+    Plan folders for ``budget``: ``plans_dir`` when given, else the shipped reference plans plus the folder named
+    by ``$VIDACCEL_PLANS_DIR`` (where your own `vidaccel plan --out` files go)."""
 
     role = "cache"
     name = "lemica"
@@ -49,6 +58,7 @@ class LeMiCa(MethodConfig):
     allow_rescale: bool = False
     budget: int | None = None
     plans_dir: str | None = None
+    fallback: MethodConfig | None = None
 
     def __post_init__(self):
         given = [name for name in ("computed_steps", "plan", "budget") if getattr(self, name) is not None]
@@ -57,6 +67,15 @@ class LeMiCa(MethodConfig):
                              f"budget=<computed steps>; got {', '.join(given) or 'none'}")
         if self.plans_dir is not None and self.budget is None:
             raise ValueError("LeMiCa plans_dir goes with budget=<computed steps>")
+        if self.fallback is not None:
+            if self.budget is None:
+                raise ValueError("LeMiCa fallback goes with budget=<computed steps> (a given plan or step list "
+                                 "needs no fallback)")
+            if not isinstance(self.fallback, MethodConfig) or self.fallback.role != "cache":
+                raise TypeError(f"LeMiCa fallback must be a cache method config such as DBCache(...), got "
+                                f"{type(self.fallback).__name__}")
+            if isinstance(self.fallback, LeMiCa) and self.fallback.fallback is not None:
+                raise ValueError("LeMiCa fallback must not have a fallback of its own")
         if self.budget is not None:
             if not _is_int(self.budget) or self.budget < 1:
                 raise ValueError(f"LeMiCa budget must be a positive number of computed steps, got {self.budget!r}")
@@ -93,30 +112,75 @@ class LeMiCa(MethodConfig):
                                      f"of a {self.num_inference_steps}-step run")
 
     def build(self) -> "LeMiCaMethod":
+        if self.fallback is not None:  # the plan is chosen at install, once the model is known
+            return LeMiCaMethod(self, None)
         path = self.plan if self.plan is not None else (self.plan_for_budget() if self.budget is not None else None)
         plan = LeMiCaPlan.from_json(path) if path is not None else None
         return LeMiCaMethod(self, plan)
 
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        data["fallback"] = self.fallback.to_dict() if self.fallback is not None else None
+        return data
+
+    def plan_folders(self) -> list[Path]:
+        if self.plans_dir is not None:
+            return [Path(self.plans_dir)]
+        folders = [shipped_plans_dir()]
+        if os.environ.get(PLANS_DIR_ENV_VAR):
+            folders.append(Path(os.environ[PLANS_DIR_ENV_VAR]))
+        return folders
+
+    def plan_candidates(self) -> tuple[dict[int, list[Path]], list[tuple[int, int]]]:
+        """Plan files with this budget by step count (``num_inference_steps`` when given), and every (steps,
+        budget) pair found in the plan folders."""
+        candidates: dict[int, list[Path]] = {}
+        found = []
+        for folder in self.plan_folders():
+            for path in sorted(folder.glob("lemica-*steps-*computed.json")):
+                parsed = parse_plan_filename(path.name)
+                if parsed is None:
+                    continue
+                found.append(parsed)
+                steps, budget = parsed
+                if budget == self.budget and self.num_inference_steps in (None, steps):
+                    candidates.setdefault(steps, []).append(path)
+        return candidates, sorted(set(found))
+
     def plan_for_budget(self) -> str:
-        """The plan file for ``budget`` in ``plans_dir`` (named as `vidaccel plan` writes them)."""
-        folder = Path(self.plans_dir) if self.plans_dir is not None else shipped_plans_dir()
-        found = {}
-        for path in sorted(folder.glob("lemica-*steps-*computed.json")):
-            parsed = parse_plan_filename(path.name)
-            if parsed is not None:
-                found[parsed] = path
-        candidates = {steps: path for (steps, budget), path in found.items() if budget == self.budget
-                      and (self.num_inference_steps is None or steps == self.num_inference_steps)}
-        if len(candidates) == 1:
-            return os.fspath(next(iter(candidates.values())))
-        available = ", ".join(f"{budget} of {steps} steps" for steps, budget in sorted(found)) or "none"
+        """The plan file for ``budget`` in the plan folders (named as `vidaccel plan` writes them)."""
+        candidates, found = self.plan_candidates()
+        where = ", ".join(map(str, self.plan_folders()))
+        if len(candidates) == 1 and len(next(iter(candidates.values()))) == 1:
+            return os.fspath(next(iter(candidates.values()))[0])
+        available = ", ".join(f"{budget} of {steps} steps" for steps, budget in found) or "none"
         if not candidates:
             wanted = f"budget {self.budget}" + (f" for {self.num_inference_steps} steps"
                                                  if self.num_inference_steps is not None else "")
-            raise ValueError(f"no LeMiCa plan with {wanted} in {folder} (available: {available}); make one with "
+            raise ValueError(f"no LeMiCa plan with {wanted} in {where} (available: {available}); make one with "
                              f"`vidaccel plan --steps N --budgets {self.budget} --out DIR` and pass plans_dir=DIR")
-        raise ValueError(f"LeMiCa budget {self.budget} has plans for several step counts in {folder} "
+        if len(candidates) == 1:
+            raise ValueError(f"LeMiCa budget {self.budget} has several plan files for "
+                             f"{next(iter(candidates))} steps in {where}; pass plans_dir to pick one folder")
+        raise ValueError(f"LeMiCa budget {self.budget} has plans for several step counts in {where} "
                          f"({', '.join(map(str, sorted(candidates)))}); pass num_inference_steps to pick one")
+
+    def plan_for_model(self, identity: tuple) -> tuple[LeMiCaPlan | None, str]:
+        """The plan with this budget made for the model ``identity`` (classes, fingerprints, scheduler class),
+        or None and why not. With plans for several step counts, ``num_inference_steps`` (else the most steps)
+        decides."""
+        candidates, _ = self.plan_candidates()
+        matching: dict[int, LeMiCaPlan] = {}
+        for steps, paths in sorted(candidates.items()):
+            for path in paths:
+                plan = LeMiCaPlan.from_json(path)
+                if (plan.transformer_classes, plan.config_fingerprints) == identity[:2]:
+                    matching.setdefault(steps, plan)
+        if not matching:
+            model = ", ".join(f"{name} {fingerprint}" for name, fingerprint in zip(*identity[:2]))
+            return None, (f"no LeMiCa plan with budget {self.budget} for this model ({model}) in "
+                          f"{', '.join(map(str, self.plan_folders()))}")
+        return matching[max(matching)], ""
 
 
 def shipped_plans_dir() -> Path:
@@ -139,6 +203,8 @@ class LeMiCaMethod(AccelMethod):
         self._residuals: dict[tuple[str, str], Streams] = {}
         self._forced: dict[tuple[str, str], list[int]] = {}
         self.log = StepLog()
+        self._fallback = None  # the installed fallback method when no plan fits the model
+        self._fallback_reason = ""
 
     def install(self, adapter) -> None:
         self.context = adapter.context
@@ -148,6 +214,11 @@ class LeMiCaMethod(AccelMethod):
             tuple(config_fingerprint(t.config) for t in transformers.values()),
             type(adapter.scheduler).__name__,
         )
+        if self.plan is None and self.config.fallback is not None:
+            self.plan, reason = self.config.plan_for_model(self._pipeline_identity)
+            if self.plan is None:
+                self._install_fallback(adapter, reason)
+                return
         if self.plan is not None:
             with warnings.catch_warnings():  # only the model is checked now; the run-time check warns once
                 warnings.simplefilter("ignore", PlanWarning)
@@ -161,7 +232,23 @@ class LeMiCaMethod(AccelMethod):
             self.uninstall()
             raise
 
+    def _install_fallback(self, adapter, reason: str) -> None:
+        fallback = self.config.fallback
+        steps = self.config.num_inference_steps or "N"
+        warnings.warn(
+            f"vidaccel LeMiCa: {reason}; running the fallback {type(fallback).__name__} instead. For the planned "
+            f"cache make a plan with `vidaccel plan --model PATH --steps {steps} --budgets {self.config.budget} "
+            f"--out DIR` and set {PLANS_DIR_ENV_VAR}=DIR",
+            PlanWarning,
+            stacklevel=3,
+        )
+        self._fallback_reason = reason
+        self._fallback = fallback.build()
+        self._fallback.install(adapter)
+
     def uninstall(self) -> None:
+        if self._fallback is not None:
+            self._fallback.uninstall()
         for span in reversed(list(self._spans.values())):
             span.detach()
         self._spans.clear()
@@ -213,6 +300,10 @@ class LeMiCaMethod(AccelMethod):
 
     # --- stats ------------------------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
+        if self._fallback is not None:
+            return {"config": self.config.to_dict(), "plan_steps": {},
+                    "fallback": {"method": self.config.fallback.name, "reason": self._fallback_reason},
+                    **self._fallback.stats()}
         extra = {key: {"forced_steps": list(steps)} for key, steps in self._forced.items()}
         return {
             "config": self.config.to_dict(),
