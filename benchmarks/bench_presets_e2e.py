@@ -8,24 +8,32 @@ no text encoder or VAE: prompt embeddings are given), timed after an untimed war
   svg2                       vidaccel SVG2 attention, when `vidaccel.attention.svg2` is importable
   dbcache                    vidaccel DBCache F8B0, computed steps REPLAYED (see below)
   lemica                     vidaccel LeMiCa, the same computed steps as a plan
-  quality, balanced, fast    combined presets (Radial + DBCache replayed + int8 text encoder*)
-  cache-dit DBCache          cache-dit F8B0 with `steps_computation_mask` (static): the same computed steps
-  diffusers FirstBlockCache  `transformer.enable_cache(FirstBlockCacheConfig)`, its decision replaced by the same
-                             computed steps
+  quality, balanced, fast    combined presets: their LeMiCa budget REPLAYED as the plan made for the reference
+                             model (the computed steps, stretched to --steps), Radial where the preset has it, int8
+                             text encoder*
+  cache-dit DBCache          cache-dit F8B0 with `steps_computation_mask` (static), at each work fraction in
+                             PEER_FRACTIONS
+  diffusers FirstBlockCache  `transformer.enable_cache(FirstBlockCacheConfig)`, its decision replaced by a fixed
+                             step set, at each work fraction in PEER_FRACTIONS
   flex_attention radial      the same Radial block mask run by PyTorch flex_attention (compiled) in our processors
   dense (repeat)             the baseline again at the end, to show drift over the run
 
-Replay: with random weights, residual-difference decisions say nothing about real models, so every DBCache-type
-method computes a FIXED set of steps -- the first warm-up steps plus evenly spaced ones up to a target fraction of
-the steps, the last step included -- and caches the rest. The set is the same for vidaccel DBCache, LeMiCa,
-cache-dit and FirstBlockCache, so their costs compare; each record says `"replayed": true` and lists the set. The
-replayed DBCache still runs its probe blocks and computes the probe difference on the device (without the host
-sync a real decision makes); FirstBlockCache likewise still runs its first block. The combined presets replay the
-fraction in REPLAY_FRACTIONS (assumed, not measured: replace with the computed-step counts the presets reach on
-real weights). *The text encoder is absent here (embeddings are given), so int8 changes nothing in these runs.
+Replay: with random weights, data-dependent decisions say nothing about real models, so every cache computes a
+FIXED set of steps, and each record says `"replayed": true` and lists the set. The single-method rows (vidaccel
+DBCache, LeMiCa) share one set (the first warm-up steps plus evenly spaced ones up to SINGLE_METHOD_FRACTION) so
+their costs compare. The peers run at the fractions of the work they needed on the reference model to reach
+about the quality of each preset (PEER_FRACTIONS, from results/quality_reference_run2.json), with warm-up steps
+first and the rest evenly spaced. The replayed DBCache still runs its probe blocks and computes the probe
+difference on the device (without the host sync a real decision makes); FirstBlockCache likewise still runs its
+first block. *The text encoder is absent here (embeddings are given), so int8 changes nothing in these runs.
 
     python benchmarks/bench_presets_e2e.py --out results.json [--steps 20] [--only radial,quality]
+    python benchmarks/bench_presets_e2e.py --only wan14b --steps 50 --out wan14b.json   # Wan 14B 720p, composed
     python benchmarks/bench_presets_e2e.py --smoke --out /tmp/presets_smoke.json      # CPU, tiny Wan, seconds
+
+`--only wan14b` loads the full-size Wan 2.1-14B architecture instead (720p 81f) and times, in one run, a dense
+transformer call, a call with each preset's Radial attention past its warm-up, and a call LeMiCa skips; each
+preset's 50-step CFG time is then COMPOSED from those per-call times and its replayed plan (and says so).
 
 Every section is guarded: a failure is recorded in the JSON (`"error"`) and the next section runs. The JSON is
 rewritten after every record, so a run cut short keeps what it measured.
@@ -57,9 +65,13 @@ from vidaccel.runner import generate, load_pipeline
 
 HERE = Path(__file__).resolve().parent
 SECTIONS = ("dense", "radial", "svg2", "dbcache", "lemica", "quality", "balanced", "fast", "cache-dit", "fbc",
-            "flex-radial", "dense-repeat")
-# Fraction of steps each combined preset computes in the replay (assumed; see the module docstring).
-REPLAY_FRACTIONS = {"quality": 0.6, "balanced": 0.45, "fast": 0.3}
+            "flex-radial", "dense-repeat", "wan14b")
+# Work fraction (full transformer passes / dense) the peers needed on the reference model for about each preset's
+# quality (8 held-out captions, 50 steps; results/quality_reference_run2.json): cache-dit DBCache F1B0 t=0.1 ->
+# 31.8 dB at 0.41, t=0.2 -> 25.3 dB at 0.29; diffusers FirstBlockCache t=0.1 -> 29.4 dB at 0.38, t=0.2 -> 25.5 dB
+# at 0.22.
+PEER_FRACTIONS = {"cache-dit": (0.41, 0.29), "fbc": (0.38, 0.22)}
+PEER_WARMUP_STEPS = 8  # the peers' warm-up in that sweep (of 50 steps)
 SINGLE_METHOD_FRACTION = 0.5  # the single cache methods and the peers
 CACHE_WARMUP_FRACTION = 0.16  # DBCache-type warm-up: cache-dit's 8 of 50 steps
 
@@ -121,6 +133,15 @@ class ReplayedDBCacheMethod(DBCacheMethod):
 def replayed(cache: DBCache, computed: tuple[int, ...]) -> ReplayedDBCache:
     fields = {f.name: getattr(cache, f.name) for f in dataclasses.fields(DBCache)}
     return ReplayedDBCache(**fields, replay_computed_steps=computed)
+
+
+def reference_plan_steps(cache, steps: int) -> tuple[int, ...]:
+    """The computed steps of the reference model's plan for a preset's LeMiCa budget, stretched to `steps`."""
+    from vidaccel.offline_planner.plan_file import LeMiCaPlan
+
+    plan = LeMiCaPlan.from_json(LeMiCa(budget=cache.budget, num_inference_steps=cache.num_inference_steps)
+                                .plan_for_budget())
+    return tuple(plan.computed_steps if plan.num_inference_steps == steps else plan.rescaled(steps).computed_steps)
 
 
 # --- Radial mask through flex_attention ----------------------------------------------------------------------------
@@ -193,8 +214,8 @@ class Bench:
                 "vidaccel": vidaccel.__version__, "shape": self.shape, "steps": self.steps, "smoke": self.smoke,
                 "random_weights": True, "cache_warmup_steps": self.cache_warmup,
                 "single_method_computed_steps": list(self.single_steps),
-                "replay_fractions": REPLAY_FRACTIONS,
-                "note": "speed only (random weights); DBCache-type methods replay a fixed computed-step set"}
+                "peer_fractions": PEER_FRACTIONS,
+                "note": "speed only (random weights); every cache replays a fixed computed-step set"}
         out = Path(self.args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(json_safe({"meta": meta, "records": self.records}), indent=2, default=str) + "\n")
@@ -307,23 +328,33 @@ class Bench:
 
     def combined(self, name: str):
         preset = resolve_preset(name, family="wan")
-        computed = replay_steps(self.steps, REPLAY_FRACTIONS[name], min(preset.cache.warmup_steps, self.steps))
-        preset = dataclasses.replace(preset, cache=replayed(preset.cache, computed), family_factory=None)
-        self.run_preset(f"preset {name} (cache replayed)", "vidaccel preset", preset,
+        computed = reference_plan_steps(preset.cache, self.steps)
+        preset = dataclasses.replace(preset, cache=LeMiCa(computed_steps=computed, num_inference_steps=self.steps),
+                                     family_factory=None)
+        self.run_preset(f"preset {name} (plan replayed)", "vidaccel preset", preset,
                         table_entry=COMBINED_PRESETS[name]["wan"], text_encoder_note="no text encoder in this run",
                         **self.replay_fields(computed))
 
+    @property
+    def peer_warmup(self) -> int:
+        return max(1, round(PEER_WARMUP_STEPS * self.steps / 50))
+
+    def peer_steps(self, fraction: float) -> tuple[int, ...]:
+        return replay_steps(self.steps, fraction, self.peer_warmup)
+
     def cache_dit(self):
+        for fraction in PEER_FRACTIONS["cache-dit"]:
+            self.cache_dit_at(self.peer_steps(fraction))
+
+    def cache_dit_at(self, computed):
         import cache_dit
         from cache_dit import DBCacheConfig
 
-        computed = self.single_steps
         mask = [1 if step in computed else 0 for step in range(self.steps)]
         self.warm(None)
         cache_dit.enable_cache(self.pipe, cache_config=DBCacheConfig(
             Fn_compute_blocks=2 if self.smoke else 8, Bn_compute_blocks=0, residual_diff_threshold=0.08,
-            max_warmup_steps=self.cache_warmup, num_inference_steps=self.steps, enable_separate_cfg=True,
-            steps_computation_mask=mask, steps_computation_policy="static"))
+            max_warmup_steps=self.peer_warmup, num_inference_steps=self.steps, enable_separate_cfg=True, steps_computation_mask=mask, steps_computation_policy="static"))
         try:
             seconds, peak = self.timed()
             summary = None
@@ -335,18 +366,22 @@ class Bench:
                 summary = f"summary failed: {error}"
         finally:
             cache_dit.disable_cache(self.pipe)
-        self.add(f"cache-dit {cache_dit.__version__} DBCache F8B0 (mask)", "peer", seconds=seconds,
-                 peak_memory_gib=peak, computed_steps={"per_branch (mask)": len(computed)},
+        self.add(f"cache-dit {cache_dit.__version__} DBCache F8B0 (mask {len(computed)}/{self.steps})", "peer",
+                 seconds=seconds, peak_memory_gib=peak, computed_steps={"per_branch (mask)": len(computed)},
                  cache_dit_cached_steps=summary, **self.replay_fields(computed))
 
     def fbc(self):
+        for fraction in PEER_FRACTIONS["fbc"]:
+            self.fbc_at(self.peer_steps(fraction))
+
+    def fbc_at(self, computed_steps):
         from diffusers import FirstBlockCacheConfig
 
-        computed = frozenset(self.single_steps)
+        computed = frozenset(computed_steps)
         scheduler = self.pipe.scheduler
         decisions = []
 
-        def should_compute(_residual):  # replaces the threshold test: the same computed steps as the others
+        def should_compute(_residual):  # replaces the threshold test: a fixed computed-step set
             step = scheduler.step_index if scheduler.step_index is not None else 0
             decisions.append(step in computed)
             return step in computed
@@ -360,7 +395,8 @@ class Bench:
         finally:
             self.pipe.transformer.disable_cache()
         # every call asks (the first of each branch too: step 0 is always in the computed set)
-        self.add("diffusers FirstBlockCache (replayed)", "peer", seconds=seconds, peak_memory_gib=peak,
+        self.add(f"diffusers FirstBlockCache (replayed {len(computed)}/{self.steps})", "peer", seconds=seconds,
+                 peak_memory_gib=peak,
                  computed_steps={"decisions_compute": sum(decisions), "decisions_cache": len(decisions) - sum(decisions)},
                  **self.replay_fields(tuple(sorted(computed))))
 
@@ -390,6 +426,98 @@ class Bench:
         print(f"total {time.perf_counter() - started:.0f} s -> {self.args.out}", flush=True)
 
 
+# --- Wan 2.1-14B 720p: per-call times, composed ---------------------------------------------------------------------
+
+def _radial_bench_module():
+    spec = importlib.util.spec_from_file_location("bench_radial_e2e", HERE / "bench_radial_e2e.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def composed_seconds(computed: tuple[int, ...], steps: int, warmup_steps: int | None, dense_ms: float,
+                     sparse_ms: float | None, skipped_ms: float) -> float:
+    """CFG run time from per-call times: computed steps before the Radial warm-up (or all, without Radial) cost a
+    dense call, later computed steps a sparse call, other steps a skipped call; two calls per step."""
+    total = 0.0
+    for step in range(steps):
+        if step not in computed:
+            total += skipped_ms
+        elif warmup_steps is None or step < warmup_steps:
+            total += dense_ms
+        else:
+            total += sparse_ms
+    return 2 * total / 1000
+
+
+def wan14b_composed(args) -> None:
+    from vidaccel.attention.sparse_base import resolve_warmup
+
+    radial_bench = _radial_bench_module()
+    steps = args.steps or 50
+    loaded = load_pipeline(arch="wan-14b", device="cuda")
+    pipe = loaded.pipe
+    pipe.scheduler.set_timesteps(steps, device="cuda")
+    latents = torch.randn(1, 16, 21, 90, 160, device="cuda", dtype=torch.bfloat16)
+    text = loaded.prompt_embeds[0]
+    shape = "wan-14b 720p 81f (1x40x75600x128), 40 layers, CFG"
+    records = []
+    device = torch.cuda.get_device_name(0)
+
+    def save():
+        meta = {"benchmark": "presets_e2e_wan14b", "date": datetime.date.today().isoformat(), "device": device,
+                "torch": torch.__version__, "shape": shape, "steps": steps, "random_weights": True,
+                "note": "per-call times measured in this run; 50-step figures COMPOSED from them"}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(json_safe({"meta": meta, "records": records}), indent=2) + "\n")
+
+    dense_ms = radial_bench.transformer_call_ms(pipe, latents, text, steps - 1, steps)
+    print(f"wan14b dense call {dense_ms:.0f} ms", flush=True)
+    # A call LeMiCa skips: compute step 0 (stores the residual), then time step 1 of the same generation.
+    skipped = []
+    with vidaccel.apply(pipe, Preset(cache=LeMiCa(computed_steps=(0,), num_inference_steps=steps), name="skip")):
+        for _ in range(3):
+            radial_bench.one_call(pipe, latents, text, 0, steps)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            radial_bench.one_call(pipe, latents, text, 1, steps)
+            torch.cuda.synchronize()
+            skipped.append((time.perf_counter() - start) * 1000)
+    skipped_ms = sorted(skipped)[1]
+    print(f"wan14b skipped call {skipped_ms:.1f} ms", flush=True)
+    records.append({"method": "per-call times", "kind": "measured", "shape": shape, "dense_call_ms": dense_ms,
+                    "lemica_skipped_call_ms": skipped_ms})
+    save()
+    sparse_ms: dict[str, float] = {}
+    dense_s = 2 * steps * dense_ms / 1000
+    for name in ("quality", "balanced", "fast"):
+        preset = resolve_preset(name, family="wan")
+        computed = reference_plan_steps(preset.cache, steps)
+        warmup = None
+        radial_ms = None
+        if preset.attention is not None:
+            key = repr(preset.attention)
+            if key not in sparse_ms:
+                with vidaccel.apply(pipe, Preset(attention=preset.attention, name="sparse")) as handle:
+                    sparse_ms[key] = radial_bench.transformer_call_ms(pipe, latents, text, steps - 1, steps,
+                                                                      repeats=1)
+                    density = handle.stats()["attention"].get("density")
+                print(f"wan14b {name} radial call {sparse_ms[key]:.0f} ms (density {density})", flush=True)
+            radial_ms = sparse_ms[key]
+            warmup = resolve_warmup(preset.attention.dense_warmup, steps)
+        seconds = composed_seconds(computed, steps, warmup, dense_ms, radial_ms, skipped_ms)
+        records.append({"method": f"preset {name} (plan replayed), COMPOSED from per-call times", "kind":
+                        "vidaccel preset", "shape": shape, "steps": steps, "dense_seconds": dense_s,
+                        "seconds": seconds, "speedup": dense_s / seconds, "replayed_computed_steps": list(computed),
+                        "radial_call_ms": radial_ms, "radial_dense_warmup_steps": warmup,
+                        "dense_call_ms": dense_ms, "skipped_call_ms": skipped_ms,
+                        "table_entry": COMBINED_PRESETS[name]["wan"]})
+        print(f"wan14b preset {name}: composed {seconds:.0f} s vs dense {dense_s:.0f} s = {dense_s / seconds:.2f}x",
+              flush=True)
+        save()
+
+
+
 def _computed_per_branch(cache_stats: dict) -> dict:
     return {f"{name}/{branch}": entry["computed"] for name, branches in cache_stats["per_branch"].items()
             for branch, entry in branches.items()}
@@ -417,6 +545,11 @@ def main(argv=None) -> int:
             parser.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU (or --smoke for the CPU check)")
+    if args.only and "wan14b" in args.only:
+        if len(args.only) > 1 or args.smoke:
+            parser.error("--only wan14b runs alone (it loads the 14B architecture instead of the 1.3B), on a GPU")
+        wan14b_composed(args)
+        return 0
     Bench(args).run()
     return 0
 

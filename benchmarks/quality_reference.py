@@ -33,6 +33,11 @@ from vidaccel.metrics import json_safe, psnr, ssim
 from vidaccel.reference import data
 from vidaccel.runner import LoadedPipeline, accelerated, generate, load_pipeline
 
+CALIBRATION_BUDGETS = (10, 11, 12, 13, 14, 16, 18, 20, 22)  # LeMiCa plans shipped for 50 steps
+CALIBRATION_RADIAL_BUDGETS = (10, 12, 14, 16, 20)
+CALIBRATION_LATE_RADIAL = ((9, None), (9, 0.5), (10, 0.5), (10, 0.7), (11, 0.5), (12, 0.5))
+
+
 @contextmanager
 def vidaccel_preset(pipe, preset) -> Iterator[dict[str, Any]]:
     info: dict[str, Any] = {}
@@ -112,6 +117,24 @@ def configurations(args, steps: int) -> dict[str, Callable[[Any], Any]]:
         for top_p in (0.95, 0.9, 0.8):
             add("svg2", f"svg2 top_p {top_p}", lambda pipe, p=top_p: vidaccel_preset(
                 pipe, vidaccel.Preset(attention=svg2(top_p=p), name="svg2")))
+    # Candidates for the combined presets: a LeMiCa plan alone, and with Radial on the computed steps after its dense
+    # warm-up (the authors' settings).
+    for budget in CALIBRATION_BUDGETS:
+        for radial in (False, True):
+            if radial and budget not in CALIBRATION_RADIAL_BUDGETS:
+                continue
+            attention = vidaccel.RadialAttention(dense_warmup=0.25, dense_layers=1) if radial else None
+            add("calibration", f"lemica {budget}/{steps}" + (" + radial" if radial else ""),
+                lambda pipe, b=budget, a=attention: vidaccel_preset(pipe, vidaccel.Preset(
+                    attention=a, cache=vidaccel.LeMiCa(budget=b, num_inference_steps=50, allow_rescale=True),
+                    name="candidate")))
+    # Radial only after a longer dense warm-up (the late computed steps), for the fast preset.
+    for budget, warmup in CALIBRATION_LATE_RADIAL:
+        attention = vidaccel.RadialAttention(dense_warmup=warmup, dense_layers=1) if warmup is not None else None
+        add("calibration-late", f"lemica {budget}/{steps}" + (f" + radial warmup {warmup}" if attention else ""),
+            lambda pipe, b=budget, a=attention: vidaccel_preset(pipe, vidaccel.Preset(
+                attention=a, cache=vidaccel.LeMiCa(budget=b, num_inference_steps=50, allow_rescale=True),
+                name="candidate")))
     for preset in ("quality", "balanced", "fast"):
         if preset in vidaccel.list_presets():
             add("presets", f"preset {preset}", lambda pipe, p=preset: vidaccel_preset(pipe, p))
@@ -125,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="default: the reference model's 50")
     parser.add_argument("--plans-dir", default=None, help="LeMiCa plan files to evaluate")
     parser.add_argument("--only", default=None, help="comma list of families: lemica,dbcache,fbcache,cache-dit,"
-                                                      "radial,svg2,presets")
+                                                      "radial,svg2,calibration,calibration-late,presets")
     parser.add_argument("--device", default=None)
     parser.add_argument("--deadline-seconds", type=float, default=None, help="start no configuration after this")
     parser.add_argument("--tiny", default=None, help="a tiny pipeline kind instead of the reference (smoke test)")

@@ -14,9 +14,12 @@ import torch
 import vidaccel
 from vidaccel import DBCache, LeMiCa, Preset, RadialAttention
 from vidaccel.attention.sparse_base import resolve_warmup
+from vidaccel.offline_planner.plan_file import PlanWarning
 from vidaccel.presets import COMBINED_PRESETS, preset_family, resolve_preset
 from vidaccel.testing import KINDS, tiny_call_kwargs
 
+# The tiny pipelines have no LeMiCa plans: the presets run their fallback DBCache there, and warn so.
+pytestmark = pytest.mark.filterwarnings("ignore:vidaccel LeMiCa. no LeMiCa plan:UserWarning")
 COMBINED = tuple(COMBINED_PRESETS)
 FAMILY_OF_KIND = {"wan": "wan", "wan-i2v": "wan", "wan2.2": "wan2.2", "hunyuan": "hunyuan", "cogvideox": "cogvideox"}
 SPARSE_KINDS = ("sparse", "unsupported_shape")  # what a sparse method does on a layer past its dense warm-up
@@ -31,6 +34,8 @@ def expected_attention_calls(handle, steps):
     """Per CFG branch: how many attention products of each kind the cache log implies."""
     stats = handle.stats()
     attention = handle.preset.attention
+    if attention is None:  # stock attention: vidaccel counts nothing
+        return {}
     warmup = resolve_warmup(attention.dense_warmup, steps)
     expected = collections.defaultdict(collections.Counter)
     transformers = handle.adapter.transformers()
@@ -60,6 +65,8 @@ def expected_attention_calls(handle, steps):
 
 def measured_attention_calls(handle):
     out = {}
+    if "attention" not in handle.stats():
+        return out
     for branch, kinds in handle.stats()["attention"]["attention_calls"].items():
         counter = collections.Counter()
         for kind, count in kinds.items():
@@ -133,16 +140,29 @@ def test_family_parameters_come_from_the_table(tiny_pipelines):
         for family, entry in table.items():
             preset = resolve_preset(name, family=family)
             assert preset.family == family
-            assert preset.cache.threshold == entry["cache"]["threshold"]
-            assert preset.attention.dense_warmup == entry["attention"]["dense_warmup"]
+            assert preset.cache.budget == entry["cache"]["budget"]
+            assert preset.cache.fallback.threshold == entry["cache"]["fallback"]["threshold"]
+            if "attention" in entry:
+                assert preset.attention.dense_warmup == entry["attention"]["dense_warmup"]
+            else:
+                assert preset.attention is None
     # a Preset resolved early (as `vidaccel bench` does) still gets the pipeline's family at apply time
     early = resolve_preset("fast")
     assert early.family == "wan"
-    with vidaccel.apply(tiny_pipelines["cogvideox"], early) as handle:
+    with pytest.warns(PlanWarning), vidaccel.apply(tiny_pipelines["cogvideox"], early) as handle:
         assert handle.preset.family == "cogvideox"
-        assert handle.preset.cache.threshold == COMBINED_PRESETS["fast"]["cogvideox"]["cache"]["threshold"]
+        expected = COMBINED_PRESETS["fast"]["cogvideox"]["cache"]["fallback"]["threshold"]
+        assert handle.preset.cache.fallback.threshold == expected
     # an unknown family gets the default parameters rather than failing
     assert resolve_preset("balanced", family="ltx") == resolve_preset("balanced", family="wan")
+
+
+def test_the_reference_model_ships_a_plan_for_every_combined_preset():
+    """On the reference model the presets run their LeMiCa plan, never the fallback."""
+    for name, table in COMBINED_PRESETS.items():
+        for entry in table.values():
+            cache = entry["cache"]
+            LeMiCa(budget=cache["budget"], num_inference_steps=cache["num_inference_steps"]).plan_for_budget()
 
 
 def test_combined_presets_are_listed():
@@ -171,9 +191,32 @@ def test_presets_benchmark_smoke_replays_one_step_set(tmp_path):
     assert not [r for r in result["records"] if "error" in r]
     planned = result["meta"]["single_method_computed_steps"]
     assert planned == list(bench.replay_steps(5, bench.SINGLE_METHOD_FRACTION, result["meta"]["cache_warmup_steps"]))
-    for name in ("vidaccel DBCache", "vidaccel LeMiCa", "diffusers FirstBlockCache"):
-        assert records[name]["replayed"] is True and records[name]["replayed_computed_steps"] == planned
     for name in ("vidaccel DBCache", "vidaccel LeMiCa"):
+        assert records[name]["replayed"] is True and records[name]["replayed_computed_steps"] == planned
         assert records[name]["computed_steps"] == {"transformer/cond": len(planned), "transformer/uncond": len(planned)}
-    assert records["diffusers FirstBlockCache"]["computed_steps"]["decisions_compute"] == 2 * len(planned)
+    # the peer runs once per work fraction it needed on the reference model, each with its own fixed step set
+    peers = [r for r in result["records"] if r["method"].startswith("diffusers FirstBlockCache")]
+    assert len(peers) == len(bench.PEER_FRACTIONS["fbc"])
+    for record, fraction in zip(peers, bench.PEER_FRACTIONS["fbc"]):
+        steps = list(bench.replay_steps(5, fraction, 1))
+        assert record["replayed_computed_steps"] == steps
+        assert record["computed_steps"]["decisions_compute"] == 2 * len(steps)
     assert records["dense"]["speedup"] == 1.0
+
+
+def test_composed_seconds_counts_dense_sparse_and_skipped_calls():
+    import importlib.util
+    import pathlib
+    import sys
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_presets_e2e.py"
+    spec = importlib.util.spec_from_file_location("bench_presets_e2e", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    try:
+        spec.loader.exec_module(bench)
+    finally:
+        sys.modules.pop(spec.name, None)
+    # 6 steps, computed 0, 3, 5; warm-up 4 steps: 0 and 3 dense, 5 sparse, 1, 2, 4 skipped; two calls per step
+    assert bench.composed_seconds((0, 3, 5), 6, 4, 100.0, 40.0, 1.0) == pytest.approx(2 * (200 + 40 + 3) / 1000)
+    assert bench.composed_seconds((0, 3, 5), 6, None, 100.0, None, 1.0) == pytest.approx(2 * 303 / 1000)

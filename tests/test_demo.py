@@ -180,9 +180,17 @@ def test_lemica_plans_come_from_the_plan_folder(demo, plans_dir):
     assert demo.editor.settings_for(preset).lemica_plan == "tiny/wan-lemica-b2.json"
 
 
-def test_without_plans_lemica_is_not_offered(loaded, tmp_path):
+def test_without_plans_lemica_is_offered_only_with_the_presets_own_config(loaded, tmp_path):
     demo = app.VidaccelDemo(loaded, tmp_path / "videos", plans_dir=tmp_path / "no-such-folder", steps=2)
-    assert demo.plans == {} and "lemica" not in demo.editor.cache_choices()
+    # the combined presets cache with LeMiCa (a plan where one fits the model, else their fallback): offered
+    assert demo.plans == {} and "lemica" in demo.editor.cache_choices()
+    fast = resolve_preset("fast")
+    settings = demo.editor.settings_for(fast)
+    assert settings.cache == "lemica" and demo.editor.preset_from(fast, settings).cache == fast.cache
+    # from a preset without LeMiCa, choosing it needs a plan file, and there is none
+    dense = resolve_preset("dense")
+    with pytest.raises(app.DemoInputError, match="choose a LeMiCa plan file"):
+        demo.editor.preset_from(dense, dataclasses.replace(demo.editor.settings_for(dense), cache="lemica"))
 
 
 # --- generation ------------------------------------------------------------------------------------------------------

@@ -68,67 +68,56 @@ class Preset:
 
 
 # --- combined presets -----------------------------------------------------------------------------------------
-# Radial attention + DBCache + int8 text encoder, with parameters per model family. Families: "wan" (Wan 2.1
-# T2V/I2V), "wan2.2" (two experts), "hunyuan", "cogvideox" (see `preset_family`). Every number of a combined
-# preset lives in this one table, written in the preset-file format (`vidaccel.preset_files`).
+# A LeMiCa step plan (the cache with the best quality per computed step we measured) + int8 text encoder, and for
+# "fast" Radial attention on the late computed steps. Families: "wan" (Wan 2.1 T2V/I2V), "wan2.2" (two experts),
+# "hunyuan", "cogvideox" (see `preset_family`). Every number of a combined preset lives in this one table, in the
+# preset-file format (`vidaccel.preset_files`).
 #
-# Where the numbers come from: NOT yet measured per family. They are the methods' authors' settings
-# (Radial: ~25% dense warm-up steps and the first layer dense; DBCache: cache-dit's F8B0 with warm-up 8 and
-# thresholds 0.05-0.12 for quality-preserving runs, larger with TaylorSeer for speed) and our H100 cost
-# measurements of each method alone (benchmarks/RESULTS.md). Replace them with the winners of
-# `vidaccel tune` / benchmarks/bench_presets_e2e.py on each family and note the run here.
+# Where the numbers come from (benchmarks/RESULTS.md, "Combined presets"): on the reference model, 16 held-out
+# captions, 50 steps, PSNR vs dense (results/preset_calibration_2026-11-27.json), LeMiCa plans computing 10 / 12 /
+# 18 of 50 steps reach 26.6 / 29.3 / 33.1 dB: the smallest budgets that clear the fast / balanced / quality floors
+# (25 / 28 / 32 dB). Radial after the authors' 25% dense warm-up cost 2-5.5 dB on top of every budget there, so
+# only "fast" uses it, and only after half of the steps. A plan belongs to one model: the reference model's
+# plans ship with vidaccel; for other models `vidaccel plan` makes them (found through $VIDACCEL_PLANS_DIR). Where
+# no plan fits, the fallback DBCache runs: thresholds from the same reference-model sweep of DBCache F1B0
+# (0.05 / 0.1 / 0.2 gave 36.2 / 30.8 / 25.1 dB at 57 / 41 / 29% of the work). Only the Wan family was measured;
+# the other families use the same budgets (plans are per model anyway) and the DBCache settings of session 1.
 # Wan 2.2 and its two experts: DBCache warm-up counts the calls of each expert and CFG branch, and the
 # high-noise expert serves only the first ~1/8 of the steps, so its warm-up is shorter.
 _INT8_TEXT = {"method": "text_encoder_quant", "format": "int8"}
+_PLAN_STEPS = 50  # the step count the budgets refer to; other step counts stretch the plan (allow_rescale)
+
+
+def _planned(budget: int, fallback: dict[str, Any]) -> dict[str, Any]:
+    return {"method": "lemica", "budget": budget, "num_inference_steps": _PLAN_STEPS, "allow_rescale": True,
+            "fallback": {"method": "dbcache", **fallback}}
+
+
+_FAST_RADIAL = {"method": "radial", "dense_warmup": 0.5, "dense_layers": 1}
+_FALLBACKS = {
+    "quality": {"threshold": 0.06, "warmup_steps": 8, "max_consecutive_cached": 2},
+    "balanced": {"threshold": 0.1, "warmup_steps": 6, "max_consecutive_cached": 3},
+    "fast": {"threshold": 0.2, "warmup_steps": 4, "taylorseer_order": 1},
+}
+_WARMUP_WAN22 = {"quality": 4, "balanced": 3, "fast": 2}
+_BUDGETS = {"quality": 18, "balanced": 12, "fast": 10}
+
+
+def _family_entry(name: str, family: str) -> dict[str, Any]:
+    fallback = dict(_FALLBACKS[name])
+    if family == "wan2.2":
+        fallback["warmup_steps"] = _WARMUP_WAN22[name]
+    if family == "cogvideox" and name != "quality":
+        fallback["threshold"] = {"balanced": 0.08, "fast": 0.16}[name]
+    entry: dict[str, Any] = {"cache": _planned(_BUDGETS[name], fallback), "text_encoder": _INT8_TEXT}
+    if name == "fast":
+        entry["attention"] = dict(_FAST_RADIAL)
+    return entry
+
+
 COMBINED_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "quality": {
-        "wan": {"attention": {"method": "radial", "dense_warmup": 0.25, "dense_layers": 1},
-                "cache": {"method": "dbcache", "threshold": 0.06, "warmup_steps": 8, "max_consecutive_cached": 2},
-                "text_encoder": _INT8_TEXT},
-        "wan2.2": {"attention": {"method": "radial", "dense_warmup": 0.25, "dense_layers": 1},
-                   "cache": {"method": "dbcache", "threshold": 0.06, "warmup_steps": 4,
-                             "max_consecutive_cached": 2},
-                   "text_encoder": _INT8_TEXT},
-        "hunyuan": {"attention": {"method": "radial", "dense_warmup": 0.25, "dense_layers": 1},
-                    "cache": {"method": "dbcache", "threshold": 0.06, "warmup_steps": 8,
-                              "max_consecutive_cached": 2},
-                    "text_encoder": _INT8_TEXT},
-        "cogvideox": {"attention": {"method": "radial", "dense_warmup": 0.25, "dense_layers": 1},
-                      "cache": {"method": "dbcache", "threshold": 0.05, "warmup_steps": 8,
-                                "max_consecutive_cached": 2},
-                      "text_encoder": _INT8_TEXT},
-    },
-    "balanced": {
-        "wan": {"attention": {"method": "radial", "dense_warmup": 0.2, "dense_layers": 1},
-                "cache": {"method": "dbcache", "threshold": 0.12, "warmup_steps": 6, "max_consecutive_cached": 3},
-                "text_encoder": _INT8_TEXT},
-        "wan2.2": {"attention": {"method": "radial", "dense_warmup": 0.2, "dense_layers": 1},
-                   "cache": {"method": "dbcache", "threshold": 0.12, "warmup_steps": 3,
-                             "max_consecutive_cached": 3},
-                   "text_encoder": _INT8_TEXT},
-        "hunyuan": {"attention": {"method": "radial", "dense_warmup": 0.2, "dense_layers": 1},
-                    "cache": {"method": "dbcache", "threshold": 0.12, "warmup_steps": 6,
-                              "max_consecutive_cached": 3},
-                    "text_encoder": _INT8_TEXT},
-        "cogvideox": {"attention": {"method": "radial", "dense_warmup": 0.2, "dense_layers": 1},
-                      "cache": {"method": "dbcache", "threshold": 0.1, "warmup_steps": 6,
-                                "max_consecutive_cached": 3},
-                      "text_encoder": _INT8_TEXT},
-    },
-    "fast": {
-        "wan": {"attention": {"method": "radial", "dense_warmup": 0.12, "dense_layers": 1},
-                "cache": {"method": "dbcache", "threshold": 0.2, "warmup_steps": 4, "taylorseer_order": 1},
-                "text_encoder": _INT8_TEXT},
-        "wan2.2": {"attention": {"method": "radial", "dense_warmup": 0.12, "dense_layers": 1},
-                   "cache": {"method": "dbcache", "threshold": 0.2, "warmup_steps": 2, "taylorseer_order": 1},
-                   "text_encoder": _INT8_TEXT},
-        "hunyuan": {"attention": {"method": "radial", "dense_warmup": 0.12, "dense_layers": 1},
-                    "cache": {"method": "dbcache", "threshold": 0.2, "warmup_steps": 4, "taylorseer_order": 1},
-                    "text_encoder": _INT8_TEXT},
-        "cogvideox": {"attention": {"method": "radial", "dense_warmup": 0.12, "dense_layers": 1},
-                      "cache": {"method": "dbcache", "threshold": 0.16, "warmup_steps": 4, "taylorseer_order": 1},
-                      "text_encoder": _INT8_TEXT},
-    },
+    name: {family: _family_entry(name, family) for family in ("wan", "wan2.2", "hunyuan", "cogvideox")}
+    for name in ("quality", "balanced", "fast")
 }
 # Used before the pipeline is known (listing, `vidaccel generate` checking its argument); `apply` re-resolves
 # with the pipeline's family.
