@@ -20,6 +20,14 @@ mxfp4      E2M1 values, blocks of 32, power-of-two scale ``2^(floor(log2 amax_bl
 nvint4     NVFP4's scale encoding with integer values in [-7, 7]: the block scale targets 7       4.5
            instead of 6 (``e4m3(amax_blk / 7 / S)``, ``S = amax_tensor / (448 * 7)``)
 =========  ===============================================================================  ======
+
+Range search (``search_range=True`` for int8 and int4; off by default here, on by default for the text-encoder
+methods that use it, see ``quantized_linear.RANGE_SEARCH_METHODS``): instead of the full range, try the range
+end points scaled towards zero by each factor of :data:`INT8_RANGE_FACTORS` (int8) or :data:`RANGE_FACTORS`
+(int4, the two ends independently) and keep, per row (int8) or per group (int4), the candidate whose
+dequantized values have the least squared error.
+The full range is one candidate and wins ties, so the error never exceeds plain RTN's; the stored bits, the
+grids and the dequantization are unchanged (int4 zero points stay integers).
 """
 
 from __future__ import annotations
@@ -46,6 +54,12 @@ E8M0_MIN_EXP, E8M0_MAX_EXP = -127, 127
 # fp16 keeps the int4 scales and zero points; scales are floored at its smallest normal so that a group of tiny
 # weights never gets a zero (or precision-starved subnormal) scale. The absolute error this adds is < 3.1e-5.
 _FP16_TINY = torch.finfo(torch.float16).tiny
+# Range search: factors the range end points are scaled by (1.0 first: plain RTN wins ties). int8's 255 levels
+# gain only from trimming a few percent, so its grid is finer; int4 searches both ends of each group range.
+INT8_RANGE_FACTORS: tuple[float, ...] = tuple(1.0 - 0.01 * i for i in range(51))  # 1.0, 0.99, ..., 0.5
+RANGE_FACTORS: tuple[float, ...] = tuple(1.0 - 0.05 * i for i in range(11))  # 1.0, 0.95, ..., 0.5
+# Rows per chunk of the search, so that its temporaries stay near this many elements whatever the weight's size.
+_SEARCH_CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,9 +181,33 @@ def _divide_blocks(w: torch.Tensor, block: int, scale: torch.Tensor) -> torch.Te
 # int8 / fp8 per output row
 
 
-def quantize_int8(weight: torch.Tensor) -> PackedWeight:
-    w = _checked_weight(weight)
+def _chunk_rows(row_elements: int) -> int:
+    return max(1, _SEARCH_CHUNK_ELEMENTS // max(1, row_elements))
+
+
+def int8_searched_scale(w: torch.Tensor) -> torch.Tensor:
+    """Per-row int8 scale ``f * amax_row / 127`` with ``f`` in :data:`INT8_RANGE_FACTORS` of least squared
+    error."""
     scale = w.abs().amax(dim=1) / 127.0
+    step = _chunk_rows(w.shape[1])
+    for start in range(0, w.shape[0], step):
+        rows, full = w[start : start + step], scale[start : start + step]
+        best_scale = full.clone()
+        best_err = torch.full_like(full, float("inf"))
+        for factor in INT8_RANGE_FACTORS:
+            s = full * factor
+            d = _safe_divisor(s)[:, None]
+            err = ((torch.round(rows / d).clamp(-127, 127) * d - rows) ** 2).sum(dim=1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, s, best_scale)
+        scale[start : start + step] = best_scale
+    return scale
+
+
+def quantize_int8(weight: torch.Tensor, search_range: bool = False) -> PackedWeight:
+    w = _checked_weight(weight)
+    scale = int8_searched_scale(w) if search_range else w.abs().amax(dim=1) / 127.0
     q = torch.round(w / _safe_divisor(scale)[:, None]).clamp(-127, 127).to(torch.int8)
     return PackedWeight("int8", tuple(w.shape), w.shape[1], {"qweight": q, "scale": scale})
 
@@ -204,8 +242,10 @@ def int4_group_params(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, t
     magnitude, e.g. a constant group, which then comes back within fp16 rounding of its scale.
     """
     blocks = _as_blocks(w, group_size)
-    lo = blocks.amin(dim=-1)
-    hi = blocks.amax(dim=-1)
+    return _int4_range_params(blocks.amin(dim=-1), blocks.amax(dim=-1))
+
+
+def _int4_range_params(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     magnitude = torch.maximum(lo.abs(), hi.abs())
     scale = torch.maximum((hi - lo) / 15.0, magnitude / 2048.0)
     scale = scale.clamp(_FP16_TINY, torch.finfo(torch.float16).max).to(torch.float16)
@@ -213,15 +253,44 @@ def int4_group_params(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, t
     return scale, zero
 
 
-def quantize_int4(weight: torch.Tensor, group_size: int = 64) -> PackedWeight:
+def _int4_codes(blocks: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    s = scale.to(torch.float32)[..., None]
+    return (torch.round(blocks / s) + zero.to(torch.float32)[..., None]).clamp(0, 15)
+
+
+def int4_searched_params(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`int4_group_params` of the range ``[a * min, b * max]`` with ``a, b`` in :data:`RANGE_FACTORS`
+    that gives each group the least squared error (fp16 scale, integer fp16 zero point, as stored)."""
+    blocks = _as_blocks(w, group_size)
+    scale, zero = int4_group_params(w, group_size)
+    step = _chunk_rows(w.shape[1] * len(RANGE_FACTORS))
+    for start in range(0, w.shape[0], step):
+        stop = start + step
+        x = blocks[start:stop]
+        lo, hi = x.amin(dim=-1), x.amax(dim=-1)
+        best_s, best_z = scale[start:stop].clone(), zero[start:stop].clone()
+        best_err = torch.full(lo.shape, float("inf"), device=w.device)
+        his = torch.tensor(RANGE_FACTORS, device=w.device)[:, None, None] * hi  # (factors, rows, groups)
+        for a in RANGE_FACTORS:
+            s, z = _int4_range_params(lo * a, his)
+            deq = (_int4_codes(x, s, z) - z.to(torch.float32)[..., None]) * s.to(torch.float32)[..., None]
+            err = ((deq - x) ** 2).sum(dim=-1)
+            for k in range(len(RANGE_FACTORS)):
+                better = err[k] < best_err
+                best_err = torch.where(better, err[k], best_err)
+                best_s = torch.where(better, s[k], best_s)
+                best_z = torch.where(better, z[k], best_z)
+        scale[start:stop], zero[start:stop] = best_s, best_z
+    return scale, zero
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int = 64, search_range: bool = False) -> PackedWeight:
     if group_size not in INT4_GROUP_SIZES:
         raise ValueError(f"int4 group_size must be one of {INT4_GROUP_SIZES}, got {group_size}")
     w = _checked_weight(weight, group_size)
-    scale, zero = int4_group_params(w, group_size)
-    blocks = _as_blocks(w, group_size)
-    s = scale.to(torch.float32)[..., None]
-    z = zero.to(torch.float32)[..., None]
-    q = (torch.round(blocks / s) + z).clamp(0, 15).reshape(w.shape)
+    params = int4_searched_params if search_range else int4_group_params
+    scale, zero = params(w, group_size)
+    q = _int4_codes(_as_blocks(w, group_size), scale, zero).reshape(w.shape)
     return PackedWeight(
         "int4", tuple(w.shape), group_size, {"qweight": pack_nibbles(q), "scale": scale, "zero": zero}
     )
@@ -348,10 +417,17 @@ def _known(fmt: str) -> str:
     return fmt
 
 
-def quantize_weight(weight: torch.Tensor, fmt: str, group_size: int = 64) -> PackedWeight:
-    """Quantize a 2-D weight into ``fmt`` (``group_size`` only matters for int4)."""
+def quantize_weight(
+    weight: torch.Tensor, fmt: str, group_size: int = 64, search_range: bool = False
+) -> PackedWeight:
+    """Quantize a 2-D weight into ``fmt`` (``group_size`` only matters for int4; ``search_range``, see the
+    module docstring, only for int8 and int4)."""
     if _known(fmt) == "int4":
-        return quantize_int4(weight, group_size)
+        return quantize_int4(weight, group_size, search_range)
+    if fmt == "int8":
+        return quantize_int8(weight, search_range)
+    if search_range:
+        raise ValueError(f"range search applies to int8 and int4, not {fmt!r}")
     return _QUANTIZERS[fmt](weight)
 
 

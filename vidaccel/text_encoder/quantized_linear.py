@@ -23,6 +23,9 @@ from .sinq import SINQ_ITERATIONS, quantize_sinq
 METHODS: tuple[str, ...] = ("int8", "int8-sinq", "fp8", "int4", "int4-sinq", "nvfp4", "mxfp4", "nvint4")
 # SINQ methods and the storage format they scale (the rest store their own name).
 SINQ_METHODS: dict[str, str] = {"int8-sinq": "int8", "int4-sinq": "int4"}
+# Methods whose scales come from the least-squares range search (formats module docstring) unless told otherwise.
+# Plain int4 stays round-to-nearest over the full range: it is the RTN baseline the SINQ method is measured against.
+RANGE_SEARCH_METHODS: tuple[str, ...] = ("int8", "int8-sinq", "int4-sinq")
 
 BACKEND_NOT_RUN = "not_run"
 BACKEND_DEQUANT = "dequant_matmul"
@@ -84,9 +87,15 @@ class QuantizedLinear(nn.Module):
         hadamard_block: int | None = None,
         sinq_iterations: int = SINQ_ITERATIONS,
         allow_scaled_mm: bool = True,
+        search_range: bool | None = None,
     ) -> "QuantizedLinear":
-        """Quantize ``linear``'s weight (on its own device); ``linear`` itself is left untouched."""
+        """Quantize ``linear``'s weight (on its own device); ``linear`` itself is left untouched.
+
+        ``search_range`` (int8 / int4 storage only) defaults to ``method in RANGE_SEARCH_METHODS``.
+        """
         fmt = storage_format(method)
+        if search_range is None:
+            search_range = method in RANGE_SEARCH_METHODS
         weight = linear.weight.detach()
         need = required_multiple(method, group_size, hadamard_block)
         if weight.shape[1] % need:
@@ -97,9 +106,9 @@ class QuantizedLinear(nn.Module):
         w = rotate_weight(weight, hadamard_block) if hadamard_block else weight.to(torch.float32)
         col_scale = None
         if method in SINQ_METHODS:
-            packed, col_scale = quantize_sinq(w, group_size, sinq_iterations, fmt=fmt)
+            packed, col_scale = quantize_sinq(w, group_size, sinq_iterations, fmt=fmt, search_range=search_range)
         else:
-            packed = formats.quantize_weight(w, fmt, group_size)
+            packed = formats.quantize_weight(w, fmt, group_size, search_range)
         return cls(
             packed,
             linear.bias,
