@@ -159,3 +159,45 @@ def test_step_planner_turns_seconds_into_a_step_count(train, monkeypatch):
     # for the remaining budget, so 4 steps took 1 s and 97 s remain.
     assert planner.seconds_per_step == pytest.approx(0.25)
     assert planner.resolve(6) == 6 + 1 + int(97 / 0.25)
+
+
+def test_vae_crops_cover_the_whole_clip_by_default(train):
+    # The causal VAE's feature cache is trained only over as many latent frames as a crop holds; 9-frame crops left
+    # frames 9-32 of a 33-frame clip drifting in colour (benchmarks/reference_training/README.md, session 3).
+    shipped = train.parse_args(["--config", "shipped"])
+    assert train.vae_crop(shipped, train.CONFIGS["shipped"]) == (33, 64)
+    assert train.vae_crop(train.parse_args(["--vae-frames", "9", "--vae-tile", "128"]), SMOKE) == (5, 32)
+    with pytest.raises(ValueError):
+        train.vae_crop(train.parse_args(["--vae-frames", "8"]), train.CONFIGS["shipped"])
+
+
+def test_reconstruction_error_is_logged_per_frame(train, tmp_path):
+    clips = torch.zeros(2, 3, 5, 4, 4)
+    recon = clips.clone()
+    recon[:, :, 3] = 0.5
+    assert train.reconstruction_l1_by_frame(recon, clips) == [0.0, 0.0, 0.0, 0.5, 0.0]
+    train.main(_smoke_args(tmp_path, "--stage", "vae", "--vae-steps", "1"))
+    stats = json.loads((tmp_path / "logs" / "training_log.json").read_text())["stages"]["vae"]["latent_statistics"]
+    assert len(stats["full_size_reconstruction_l1_by_frame"]) == SMOKE.num_frames
+
+
+def test_decoder_only_vae_training_keeps_the_latent_space(train, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    train.main(_smoke_args(first, "--stage", "vae", "--vae-steps", "2"))
+    train.main(
+        _smoke_args(
+            second, "--stage", "vae", "--vae-steps", "2", "--vae-train", "decoder", "--init-from", str(first / "assets")
+        )
+    )
+    a = load_file(str(first / "assets" / "vae" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(second / "assets" / "vae" / "diffusion_pytorch_model.safetensors"))
+    encoder = [k for k in a if k.startswith(("encoder.", "quant_conv."))]
+    decoder = [k for k in a if k.startswith(("decoder.", "post_quant_conv."))]
+    assert encoder and decoder
+    assert all(torch.equal(a[k], b[k]) for k in encoder)
+    assert any(not torch.equal(a[k], b[k]) for k in decoder)
+    config_a = json.loads((first / "assets" / "vae" / "config.json").read_text())
+    config_b = json.loads((second / "assets" / "vae" / "config.json").read_text())
+    assert config_b["latents_mean"] == config_a["latents_mean"] and config_b["latents_std"] == config_a["latents_std"]
+    with pytest.raises(ValueError):
+        train.main(_smoke_args(tmp_path / "third", "--stage", "vae", "--vae-steps", "1", "--vae-train", "decoder"))
