@@ -11,7 +11,7 @@ no text encoder or VAE: prompt embeddings are given), timed after an untimed war
   quality, balanced, fast    combined presets: their LeMiCa budget REPLAYED as the plan made for the reference
                              model (the computed steps, stretched to --steps), Radial where the preset has it, int8
                              text encoder*
-  cache-dit DBCache          cache-dit F8B0 with `steps_computation_mask` (static), at each work fraction in
+  cache-dit DBCache          cache-dit F1B0 with `steps_computation_mask` (static), at each work fraction in
                              PEER_FRACTIONS
   diffusers FirstBlockCache  `transformer.enable_cache(FirstBlockCacheConfig)`, its decision replaced by a fixed
                              step set, at each work fraction in PEER_FRACTIONS
@@ -353,7 +353,7 @@ class Bench:
         mask = [1 if step in computed else 0 for step in range(self.steps)]
         self.warm(None)
         cache_dit.enable_cache(self.pipe, cache_config=DBCacheConfig(
-            Fn_compute_blocks=2 if self.smoke else 8, Bn_compute_blocks=0, residual_diff_threshold=0.08,
+            Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=0.08,  # F1B0, as in the quality sweep
             max_warmup_steps=self.peer_warmup, num_inference_steps=self.steps, enable_separate_cfg=True, steps_computation_mask=mask, steps_computation_policy="static"))
         try:
             seconds, peak = self.timed()
@@ -366,7 +366,7 @@ class Bench:
                 summary = f"summary failed: {error}"
         finally:
             cache_dit.disable_cache(self.pipe)
-        self.add(f"cache-dit {cache_dit.__version__} DBCache F8B0 (mask {len(computed)}/{self.steps})", "peer",
+        self.add(f"cache-dit {cache_dit.__version__} DBCache F1B0 (mask {len(computed)}/{self.steps})", "peer",
                  seconds=seconds, peak_memory_gib=peak, computed_steps={"per_branch (mask)": len(computed)},
                  cache_dit_cached_steps=summary, **self.replay_fields(computed))
 

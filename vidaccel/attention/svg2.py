@@ -104,10 +104,14 @@ class SVG2AttentionMethod(SparseAttentionMethod):
         q_bhnd, k_bhnd = q.transpose(1, 2), k.transpose(1, 2)
         # a cold call may stop early once the labels settle (it syncs with the host every few iterations, once
         # per layer and generation); warm calls run their fixed few iterations without a sync
+        # The sort + segment-sum centroid update: deterministic like index_put and, on an H100, 2x (Wan 480p) to
+        # 4.4x (Wan 14B 720p) faster warm k-means (results/kmeans_2026-11-27.json); plain torch off the GPU.
         q_km = batched_kmeans(q_bhnd, num_q, iterations=iterations, seed=self.config.seed, backend=backend,
-                              init_centroids=previous.query if warm else None, stop_when_stable=not warm)
+                              init_centroids=previous.query if warm else None, stop_when_stable=not warm,
+                              update_method="sorted")
         k_km = batched_kmeans(k_bhnd, num_k, iterations=iterations, seed=self.config.seed + 1, backend=backend,
-                              init_centroids=previous.key if warm else None, stop_when_stable=not warm)
+                              init_centroids=previous.key if warm else None, stop_when_stable=not warm,
+                              update_method="sorted")
         self._centroids[state_key] = _Centroids(shape, q_km.centroids, k_km.centroids)
         self.kmeans_iterations += q_km.iterations + k_km.iterations
         if warm:
