@@ -116,12 +116,13 @@ class EdgeMeasurements:
             raise ValueError(f"unknown or unmeasured error metric {metric!r}; measured: {', '.join(self.metrics)}{hint}")
         return {edge: math.fsum(values[metric]) / len(values[metric]) for edge, values in sorted(self.errors.items())}
 
-    def compatible_with(self, other: EdgeMeasurements) -> list[str]:
-        """What differs between the conditions of two measurement sets (empty when they can be merged)."""
+    def compatible_with(self, other: EdgeMeasurements, ignore: Iterable[str] = ()) -> list[str]:
+        """What differs between the conditions of two measurement sets (empty when they can be merged), setting
+        keys in ``ignore`` aside."""
         differences = [
             f"{key}: {self.setting.get(key)!r} vs {other.setting.get(key)!r}"
             for key in sorted(set(self.setting) | set(other.setting))
-            if self.setting.get(key) != other.setting.get(key)
+            if key not in ignore and self.setting.get(key) != other.setting.get(key)
         ]
         if self.runs != other.runs:
             differences.append("prompts or seeds differ")

@@ -149,10 +149,10 @@ def complete_checkpoint(
     if checkpoint is None or not os.path.exists(checkpoint):
         return None
     stored = EdgeMeasurements.load(checkpoint)
-    wanted = {**generation_setting(pipe, num_inference_steps, call_kwargs), "decode": decode}
-    differs = [key for key in set(wanted) | set(stored.setting)
-               if key not in _SETTING_KEYS_FREE_ON_REUSE and wanted.get(key) != stored.setting.get(key)]
-    if differs or tuple(stored.runs) != tuple(runs) or any(edge not in stored.errors for edge in edges):
+    wanted = EdgeMeasurements({**generation_setting(pipe, num_inference_steps, call_kwargs), "decode": decode},
+                              tuple(runs))
+    if wanted.compatible_with(stored, ignore=_SETTING_KEYS_FREE_ON_REUSE) or any(
+            edge not in stored.errors for edge in edges):
         return None
     return stored
 

@@ -274,12 +274,11 @@ def int4_searched_params(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor
         for a in RANGE_FACTORS:
             s, z = _int4_range_params(lo * a, his)
             deq = (_int4_codes(x, s, z) - z.to(torch.float32)[..., None]) * s.to(torch.float32)[..., None]
-            err = ((deq - x) ** 2).sum(dim=-1)
-            for k in range(len(RANGE_FACTORS)):
-                better = err[k] < best_err
-                best_err = torch.where(better, err[k], best_err)
-                best_s = torch.where(better, s[k], best_s)
-                best_z = torch.where(better, z[k], best_z)
+            err, k = ((deq - x) ** 2).sum(dim=-1).min(dim=0)  # the first of equal errors: the wider range
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_s = torch.where(better, s.gather(0, k[None])[0], best_s)
+            best_z = torch.where(better, z.gather(0, k[None])[0], best_z)
         scale[start:stop], zero[start:stop] = best_s, best_z
     return scale, zero
 
