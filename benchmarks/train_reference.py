@@ -140,6 +140,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         " default 6144 (shipped), 2048 (mini), 8 (smoke)",
     )
     parser.add_argument("--caption-dropout", type=float, default=0.1)
+    parser.add_argument(
+        "--train-flow-shift",
+        type=float,
+        default=None,
+        help="shift of the training sigma density (default: the sampler's flow_shift); larger draws more high-noise"
+        " samples, where the layout and the object's colour are decided",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the transformer's training forward (CUDA; the tiny model is launch-bound in eager mode)",
+    )
     parser.add_argument("--ema-decay", type=float, default=0.999)
     # acceptance
     parser.add_argument("--acceptance-steps", type=int, default=GENERATION_DEFAULTS["num_inference_steps"])
@@ -639,7 +651,13 @@ def train_transformer(
         print(f"transformer: resumed at step {start} of {planner.planned}", flush=True)
 
     ema_keys = sorted(ema)
-    window: dict[str, float] = {}
+    train_shift = FLOW_SHIFT if args.train_flow_shift is None else args.train_flow_shift
+    forward = transformer
+    if args.compile and device.type == "cuda":
+        forward = torch.compile(transformer)  # same parameters; state_dict stays on `transformer`
+    # Sums stay on the device between log rows: a float() per step would synchronise the host every step.
+    window: dict[str, torch.Tensor] = {}
+    window_steps = 0
     began, step, done = time.perf_counter(), start, 0
     while True:
         planned = planner.resolve(step)
@@ -650,7 +668,7 @@ def train_transformer(
         batch = x0.shape[0]
         noise = torch.randn(x0.shape, generator=generator, device=device)
         uniform = torch.rand(batch, generator=generator, device=device)
-        sigma = FLOW_SHIFT * uniform / (1 + (FLOW_SHIFT - 1) * uniform)  # the sampler's sigma density
+        sigma = train_shift * uniform / (1 + (train_shift - 1) * uniform)  # shift 3: the sampler's sigma density
         dropped = torch.rand(batch, generator=generator, device=device) < args.caption_dropout
         context = torch.where(dropped.view(-1, 1, 1), empty.expand_as(embeddings), embeddings)
         s = sigma.view(-1, 1, 1, 1, 1)
@@ -658,13 +676,19 @@ def train_transformer(
         target = noise - x0
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(args.transformer_lr, step, warmup=200, planned=planned)
+        inputs = dict(
+            hidden_states=noisy, timestep=sigma * NUM_TRAIN_TIMESTEPS, encoder_hidden_states=context, return_dict=False
+        )
         with autocast(device):
-            prediction = transformer(
-                hidden_states=noisy,
-                timestep=sigma * NUM_TRAIN_TIMESTEPS,
-                encoder_hidden_states=context,
-                return_dict=False,
-            )[0]
+            if done == 0 and forward is not transformer:
+                try:  # compilation happens here; a failure costs speed, not the run
+                    prediction = forward(**inputs)[0]
+                except Exception as error:  # noqa: BLE001
+                    print(f"transformer: torch.compile failed ({type(error).__name__}: {error}); eager", flush=True)
+                    forward = transformer
+                    prediction = forward(**inputs)[0]
+            else:
+                prediction = forward(**inputs)[0]
         loss = F.mse_loss(prediction.float(), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -674,20 +698,22 @@ def train_transformer(
         with torch.no_grad():
             current = transformer.state_dict()
             torch._foreach_lerp_([ema[k] for k in ema_keys], [current[k].float() for k in ema_keys], 1 - decay)
-        window["loss"] = window.get("loss", 0.0) + float(loss.detach())
-        window["grad_norm"] = window.get("grad_norm", 0.0) + float(grad_norm)
-        window["n"] = window.get("n", 0) + 1
+        for key, value in (("loss", loss.detach()), ("grad_norm", grad_norm.detach())):
+            window[key] = window[key] + value if key in window else value.clone()
+        window_steps += 1
         done += 1
+        if device.type == "cuda" and done in (planner.skip, planner.skip + planner.measure):
+            torch.cuda.synchronize()  # the throughput the plan is made from must be the device's, not the queue's
         planner.after_step(done)
         if (step + 1) % args.log_every == 0 or (planned is not None and step + 1 == planned):
             row = {
                 "step": step,
-                **{k: round(v / window["n"], 6) for k, v in window.items() if k != "n"},
+                **{k: round(float(v) / window_steps, 6) for k, v in window.items()},
                 "lr": optimizer.param_groups[0]["lr"],
                 "seconds": round(time.perf_counter() - began, 2),
             }
             record["curve"].append(row)
-            window = {}
+            window, window_steps = {}, 0
             print(f"transformer {row}", flush=True)
         if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
             save_checkpoint(
@@ -715,6 +741,8 @@ def train_transformer(
             "caption_dropout": args.caption_dropout,
             "ema_decay": args.ema_decay,
             "flow_shift": FLOW_SHIFT,
+            "train_flow_shift": train_shift,
+            "compiled": forward is not transformer,
             "captions_encoded": len(bank.cache),
         }
     )
