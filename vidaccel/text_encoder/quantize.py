@@ -6,6 +6,10 @@
 as they are; ``skip_modules`` patterns keep chosen linear layers in full precision too. Token embeddings stay as
 they are unless ``quantize_embeddings`` is on: then every eligible ``nn.Embedding`` becomes a
 :class:`QuantizedEmbedding` (int8 or int4 rows), restored the same way.
+
+By default quantization is data-free. ``calibration="gptq"`` instead runs calibration prompts through the
+encoder (its tokenizer is needed: ``quantize_text_encoder(encoder, config, tokenizer=...)``) and lets GPTQ choose
+the rounding of every linear layer, sequentially (see :mod:`.gptq`); the packed storage is the same.
 """
 
 from __future__ import annotations
@@ -21,7 +25,15 @@ from ..method import MethodConfig
 from .formats import INT4_GROUP_SIZES
 from .hadamard import is_power_of_two
 from .quantized_embedding import QuantizedEmbedding, conversion_error
-from .quantized_linear import METHODS, QuantizedLinear
+from .quantized_linear import METHODS, QuantizedLinear, required_multiple
+from .gptq import (
+    CALIBRATION_METHODS,
+    CalibrationStats,
+    calibrate_sequentially,
+    load_calibration_prompts,
+    quantize_linear_gptq,
+    tokenize_calibration,
+)
 from .sinq import SINQ_ITERATIONS
 
 # fnmatch patterns on the dotted module name, case-sensitive.
@@ -62,6 +74,14 @@ class TextEncoderQuant(MethodConfig):
         encoders down to their memory targets: UMT5-XXL's token table alone is 2.1 GB of its 11.4 GB in bf16.
         ``skip_modules`` patterns apply to embeddings too, except the defaults ``*embed*`` and ``*shared*``.
     fp8_scaled_mm: let fp8 layers use ``torch._scaled_mm`` (activations quantized per token) where supported.
+    calibration: None (data-free, the default) or "gptq": GPTQ rounding against the Hessians of the layers'
+        inputs on calibration prompts, layer after layer (module :mod:`.gptq`); needs the encoder's tokenizer.
+        Same formats, same stored bits; embedding tables stay data-free.
+    calibration_prompts: the prompts for calibration (None: the shipped ``calibration_prompts.json``, which is
+        disjoint from the evaluation prompts).
+    gptq_damp: GPTQ's damping, as a fraction of the mean diagonal of the Hessian.
+    gptq_act_order: GPTQ visits the input columns by decreasing activation energy (diag of the Hessian) instead
+        of left to right.
     """
 
     role: ClassVar[str] = "text_encoder"
@@ -78,6 +98,10 @@ class TextEncoderQuant(MethodConfig):
     fp8_scaled_mm: bool = True
     prompt_cache: bool = True  # as a vidaccel method: encode each distinct prompt once per pipeline
     quantize_embeddings: bool = False
+    calibration: str | None = None
+    calibration_prompts: tuple[str, ...] | None = None
+    gptq_damp: float = 0.01
+    gptq_act_order: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -98,12 +122,36 @@ class TextEncoderQuant(MethodConfig):
         object.__setattr__(self, "skip_modules", patterns)
         for flag in (
             "hadamard", "quantize_t5_wo", "keep_originals_on_cpu", "fp8_scaled_mm", "prompt_cache",
-            "quantize_embeddings",
+            "quantize_embeddings", "gptq_act_order",
         ):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
         if not (isinstance(self.sinq_iterations, int) and 0 <= self.sinq_iterations <= 256):
             raise ValueError(f"sinq_iterations must be an int in [0, 256], got {self.sinq_iterations!r}")
+        self._check_calibration()
+
+    def _check_calibration(self) -> None:
+        if self.calibration is not None and self.calibration not in CALIBRATION_METHODS:
+            raise ValueError(f"unknown calibration {self.calibration!r}; choose None (data-free) or one of "
+                             f"{', '.join(map(repr, CALIBRATION_METHODS))}")
+        prompts = self.calibration_prompts
+        if prompts is not None:
+            if isinstance(prompts, str):
+                raise TypeError("calibration_prompts must be a sequence of prompts, not one string")
+            prompts = tuple(prompts)
+            if not prompts:
+                raise ValueError("calibration_prompts is empty; give at least one prompt, or None for the shipped "
+                                 "calibration set")
+            if not all(isinstance(p, str) and p.strip() for p in prompts):
+                raise ValueError("calibration_prompts must hold non-empty strings")
+            if self.calibration is None:
+                raise ValueError("calibration_prompts were given but calibration is None (data-free); "
+                                 "set calibration='gptq' to use them")
+            object.__setattr__(self, "calibration_prompts", prompts)
+        damp = self.gptq_damp
+        if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not (0.0 < damp <= 1.0):
+            raise ValueError(f"gptq_damp must be a number in (0, 1], got {damp!r}")
+        object.__setattr__(self, "gptq_damp", float(damp))
 
     def to_dict(self) -> dict[str, Any]:
         # the base puts the method config's name under "method", which is also this config's format field
@@ -173,6 +221,7 @@ class QuantizationResult:
         bytes_after: int,
         quantized_embeddings: list[str] | None = None,
         skipped_embeddings: dict[str, str] | None = None,
+        calibration: dict[str, Any] | None = None,
     ) -> None:
         self.config = config
         self._swaps = swaps
@@ -182,6 +231,8 @@ class QuantizationResult:
         self.skipped_embeddings = skipped_embeddings or {}
         self.bytes_before = bytes_before
         self.bytes_after = bytes_after
+        # GPTQ runs only: prompts, real tokens, stages, forward passes, layers the prompts never reached.
+        self.calibration = calibration
         self.restored = False
 
     @property
@@ -225,6 +276,7 @@ class QuantizationResult:
             "skipped_embeddings": dict(self.skipped_embeddings),
             "bytes_before": self.bytes_before,
             "bytes_after": self.bytes_after,
+            **({"calibration": self.calibration} if self.calibration is not None else {}),
         }
 
     def __repr__(self) -> str:
@@ -247,7 +299,9 @@ def _ineligible_reason(parent: nn.Module, child: nn.Linear) -> str | None:
 
 
 @torch.no_grad()
-def quantize_text_encoder(module: nn.Module, config: TextEncoderQuant) -> QuantizationResult:
+def quantize_text_encoder(
+    module: nn.Module, config: TextEncoderQuant, tokenizer: Any = None, max_length: int | None = None
+) -> QuantizationResult:
     """Swap ``module``'s eligible ``nn.Linear`` children for :class:`QuantizedLinear`, in place.
 
     A linear layer is skipped (and the reason recorded in ``result.skipped``) when its name matches a skip
@@ -255,14 +309,29 @@ def quantize_text_encoder(module: nn.Module, config: TextEncoderQuant) -> Quanti
     it is not a plain ``nn.Linear`` that can be swapped safely. A layer shared under several names is quantized
     once and swapped everywhere. With ``config.quantize_embeddings``, ``nn.Embedding`` children become
     :class:`QuantizedEmbedding` by the same rules (see :func:`_swap_embeddings`).
+
+    ``tokenizer`` (and ``max_length``, default ``min(tokenizer.model_max_length, 512)``) is only used, and then
+    required, with ``config.calibration="gptq"``: the calibration prompts are tokenized with it and run through
+    ``module(input_ids=..., attention_mask=...)`` on the encoder's own device.
     """
     if not isinstance(config, TextEncoderQuant):
         raise TypeError(f"config must be a TextEncoderQuant, got {type(config).__name__}")
     if not isinstance(module, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(module).__name__}")
+    calibration_batches = None
+    if config.calibration is not None:
+        if tokenizer is None:
+            raise ValueError(
+                f"calibration={config.calibration!r} runs prompts through the encoder and needs its tokenizer: "
+                "pass tokenizer=... (a pipeline supplies its own), or use calibration=None for data-free quantization"
+            )
+        prompts = list(config.calibration_prompts or load_calibration_prompts())
+        device = next(module.parameters()).device
+        calibration_batches = tokenize_calibration(tokenizer, prompts, device, max_length)
     bytes_before = module_bytes(module)
     hadamard_block = config.hadamard_block if config.hadamard else None
     built: dict[int, QuantizedLinear] = {}
+    failed: dict[int, str] = {}
     swaps: list[_Swap] = []
     quantized_modules: list[str] = []
     skipped: dict[str, str] = {}
@@ -276,35 +345,75 @@ def quantize_text_encoder(module: nn.Module, config: TextEncoderQuant) -> Quanti
     slot_count: dict[int, int] = {}
     for *_, child in slots:
         slot_count[id(child)] = slot_count.get(id(child), 0) + 1
-    shared: dict[int, nn.Linear] = {}
+    # (full name, parent, child name, child, reason to skip or None), and the distinct eligible layers in order.
+    plan = []
+    targets: dict[int, nn.Linear] = {}
     for parent_name, parent, child_name, child in slots:
         full_name = f"{parent_name}.{child_name}" if parent_name else child_name
         reason = config.skip_reason(full_name) or _ineligible_reason(parent, child)
-        if reason is None and id(child) not in built:
-            try:
-                built[id(child)] = QuantizedLinear.from_linear(
-                    child,
-                    config.method,
-                    group_size=config.group_size,
-                    hadamard_block=hadamard_block,
-                    sinq_iterations=config.sinq_iterations,
-                    allow_scaled_mm=config.fp8_scaled_mm,
-                )
-            except ValueError as error:
-                reason = str(error)
+        plan.append((full_name, parent, child_name, child, reason))
+        if reason is None:
+            targets.setdefault(id(child), child)
+    eligible_slots: dict[int, list[tuple[nn.Module, str]]] = {}
+    for _, parent, child_name, child, reason in plan:
+        if reason is None:
+            eligible_slots.setdefault(id(child), []).append((parent, child_name))
+
+    def quantize_layer(child: nn.Linear, hessian: torch.Tensor | None = None) -> None:
+        """Build the layer's QuantizedLinear (GPTQ with a Hessian, else data-free) and install it in every
+        eligible slot right away (calibration needs the later layers to see the quantized ones)."""
+        common = dict(group_size=config.group_size, hadamard_block=hadamard_block,
+                      sinq_iterations=config.sinq_iterations, allow_scaled_mm=config.fp8_scaled_mm)
+        try:
+            if hessian is None:
+                quantized = QuantizedLinear.from_linear(child, config.method, **common)
+            else:
+                quantized = quantize_linear_gptq(child, config.method, hessian, damp=config.gptq_damp,
+                                                 act_order=config.gptq_act_order, **common)
+        except ValueError as error:
+            failed[id(child)] = str(error)
+            return
+        built[id(child)] = quantized
+        devices[id(child)] = child.weight.device
+        for parent, child_name in eligible_slots[id(child)]:
+            parent._modules[child_name] = quantized
+        if config.keep_originals_on_cpu and slot_count[id(child)] == 1:
+            child.to("cpu")  # right away: one layer at a time keeps the accelerator's peak low
+
+    devices: dict[int, torch.device] = {}
+    stats: CalibrationStats | None = None
+    if calibration_batches is None:
+        for child in targets.values():
+            quantize_layer(child)
+    else:
+        need = required_multiple(config.method, config.group_size, hadamard_block)
+        unfit = [child for child in targets.values() if child.weight.shape[1] % need]
+        for child in unfit:
+            quantize_layer(child)  # records the same reason as the data-free path
+        layers = [child for child in targets.values() if id(child) not in failed]
+        try:
+            stats = calibrate_sequentially(module, layers, calibration_batches, quantize_layer)
+        except BaseException:
+            if config.keep_originals_on_cpu:  # put back what was swapped so far: no half-quantized encoder
+                for key, child in targets.items():
+                    if key in built:
+                        child.to(devices[key])
+                        for parent, child_name in eligible_slots[key]:
+                            parent._modules[child_name] = child
+            raise
+
+    shared: dict[int, nn.Linear] = {}
+    for full_name, parent, child_name, child, reason in plan:
+        if reason is None and id(child) in failed:
+            reason = failed[id(child)]
         if reason is not None:
             skipped[full_name] = reason
             continue
-        parent._modules[child_name] = built[id(child)]
         swaps.append(
             _Swap(parent, child_name, built[id(child)], child if config.keep_originals_on_cpu else None)
         )
         quantized_modules.append(full_name)
-        if not config.keep_originals_on_cpu:
-            continue
-        if slot_count[id(child)] == 1:
-            child.to("cpu")  # right away: one layer at a time keeps the accelerator's peak low
-        else:
+        if config.keep_originals_on_cpu and slot_count[id(child)] > 1:
             shared[id(child)] = child
     # A layer shared under several names moves only if no slot (e.g. a skipped one) still uses it in place.
     still_used = {id(m) for m in module.modules()}
@@ -315,9 +424,15 @@ def quantize_text_encoder(module: nn.Module, config: TextEncoderQuant) -> Quanti
     skipped_embeddings: dict[str, str] = {}
     if config.quantize_embeddings:
         quantized_embeddings, skipped_embeddings = _swap_embeddings(module, config, swaps)
+    calibration = None
+    if stats is not None:
+        names: dict[int, str] = {}
+        for full_name, _, _, child, _ in plan:
+            names.setdefault(id(child), full_name)
+        calibration = {"method": config.calibration, **stats.to_dict(names)}
     return QuantizationResult(
         config, swaps, quantized_modules, skipped, bytes_before, module_bytes(module),
-        quantized_embeddings, skipped_embeddings,
+        quantized_embeddings, skipped_embeddings, calibration,
     )
 
 
