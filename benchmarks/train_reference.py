@@ -77,6 +77,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["all", "vae", "transformer", "install", "acceptance", "timing", "card", "export-text-encoder"],
     )
     parser.add_argument("--config", default="shipped", choices=sorted(CONFIGS))
+    parser.add_argument(
+        "--clip-size",
+        default=None,
+        help="FRAMES,HEIGHT,WIDTH of the clips the transformer trains on and acceptance generates (default: the"
+        " config's); smaller clips make a cheap first stage of progressive training, the architecture is unchanged",
+    )
     parser.add_argument("--seed", type=int, default=20261127)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--assets-dir", type=Path, default=REPO / "assets" / "reference")
@@ -138,6 +144,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="training clips encoded once before the transformer trains (its batches sample them);"
         " default 6144 (shipped), 2048 (mini), 8 (smoke)",
+    )
+    parser.add_argument(
+        "--pool-cache",
+        type=Path,
+        default=None,
+        help="safetensors file for the encoded pool: loaded if present (same clip size and count), else written,"
+        " so that variants trained side by side encode it once",
     )
     parser.add_argument("--caption-dropout", type=float, default=0.1)
     parser.add_argument(
@@ -565,10 +578,34 @@ class LatentPool:
     """
 
     def __init__(
-        self, vae, bank: CaptionBank, sizes: ReferenceSizes, clips: int, batch: int, seed: int, device: torch.device
+        self,
+        vae,
+        bank: CaptionBank,
+        sizes: ReferenceSizes,
+        clips: int,
+        batch: int,
+        seed: int,
+        device: torch.device,
+        cache: Path | None = None,
     ) -> None:
-        mean, std = latent_normaliser(vae, device)
         storage = torch.bfloat16 if device.type == "cuda" else torch.float32
+        meta = {
+            "clips": str(clips),
+            "seed": str(seed),
+            "batch": str(batch),  # the clips drawn depend on it
+            "latent_shape": json.dumps(list(sizes.latent_shape)),
+        }
+        if cache is not None and cache.is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(cache), "pt") as handle:
+                stored = handle.metadata()
+                if {k: stored.get(k) for k in meta} != meta:
+                    raise ValueError(f"{cache} holds another pool ({stored}); expected {meta}: delete it or pass another")
+                self.latents = handle.get_tensor("latents").to(device=device, dtype=storage)
+            self._index_captions(bank, json.loads(stored["captions"]), device)
+            return
+        mean, std = latent_normaliser(vae, device)
         self.latents = torch.empty((clips, *sizes.latent_shape), dtype=storage, device=device)
         captions: list[str] = []
         for start in range(0, clips, batch):
@@ -588,6 +625,14 @@ class LatentPool:
                     latents = vae.encode(rendered).latent_dist.mode().float()
             self.latents[start : start + count] = ((latents - mean) / std).to(storage)
             captions += [scene.caption for scene in scenes]
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            partial = cache.with_suffix(".partial")
+            save_file({"latents": self.latents.cpu()}, str(partial), metadata={**meta, "captions": json.dumps(captions)})
+            partial.replace(cache)  # whole file or none: another process may be waiting for it
+        self._index_captions(bank, captions, device)
+
+    def _index_captions(self, bank: CaptionBank, captions: list[str], device: torch.device) -> None:
         unique = sorted(set(captions))
         self.embeddings = bank(unique)  # (unique captions, max_sequence_length, 384)
         index = {caption: i for i, caption in enumerate(unique)}
@@ -614,7 +659,7 @@ def train_transformer(
     empty = bank([""])[0]  # WanPipeline's default negative prompt, the unconditional branch of CFG
     began = time.perf_counter()
     pool_clips = args.pool_clips or {"shipped": 6144, "mini": 2048, "smoke": 8}[args.config]
-    pool = LatentPool(vae, bank, sizes, pool_clips, args.transformer_batch, args.seed, device)
+    pool = LatentPool(vae, bank, sizes, pool_clips, args.transformer_batch, args.seed, device, args.pool_cache)
     if device.type == "cuda":
         torch.cuda.synchronize()
     pool_seconds = time.perf_counter() - began
@@ -1014,6 +1059,9 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     deadline = started + (args.deadline_seconds if args.deadline_seconds is not None else float("inf"))
     sizes = CONFIGS[args.config]
+    if args.clip_size is not None:
+        frames, height, width = (int(v) for v in args.clip_size.split(","))
+        sizes = dataclasses.replace(sizes, num_frames=frames, height=height, width=width)
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
