@@ -126,6 +126,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--vae-kl-weight", type=float, default=1e-4)
     parser.add_argument(
+        "--vae-object-weight",
+        type=float,
+        default=0.0,
+        help="extra reconstruction weight on the object's pixels (its coverage from the renderer): the object is a"
+        " few percent of a frame, so an unweighted loss lets the VAE drop it",
+    )
+    parser.add_argument(
+        "--vae-crop-mode",
+        choices=("random", "object"),
+        default="random",
+        help="where the spatial crop lies: anywhere, or centred on the object's mean position over the crop's frames",
+    )
+    parser.add_argument(
         "--vae-train",
         default="all",
         choices=["all", "decoder"],
@@ -411,6 +424,26 @@ def vae_crop(args: argparse.Namespace, sizes: ReferenceSizes) -> tuple[int, int]
     return frames, min(args.vae_tile, sizes.height, sizes.width)
 
 
+def object_crop_corners(coverage: torch.Tensor, tile: int) -> list[tuple[int, int]]:
+    """Top-left corners of ``tile``-sized crops centred on each clip's object, averaged over the frames.
+
+    ``coverage`` is (B, F, H, W); a clip whose object is out of view gets the centre crop.
+    """
+    batch, _, height, width = coverage.shape
+    mass = coverage.sum(dim=1)  # (B, H, W)
+    total = mass.sum(dim=(1, 2)).clamp_min(1e-6)
+    ys = torch.arange(height, device=coverage.device, dtype=torch.float32)
+    xs = torch.arange(width, device=coverage.device, dtype=torch.float32)
+    centre_y = (mass.sum(dim=2) * ys).sum(dim=1) / total
+    centre_x = (mass.sum(dim=1) * xs).sum(dim=1) / total
+    empty = mass.sum(dim=(1, 2)) <= 1e-6
+    centre_y = torch.where(empty, torch.full_like(centre_y, height / 2), centre_y)
+    centre_x = torch.where(empty, torch.full_like(centre_x, width / 2), centre_x)
+    y0 = (centre_y - tile / 2).round().clamp(0, height - tile).long().tolist()
+    x0 = (centre_x - tile / 2).round().clamp(0, width - tile).long().tolist()
+    return list(zip(y0, x0))
+
+
 def train_vae(args: argparse.Namespace, sizes: ReferenceSizes, log: RunLog, device: torch.device, deadline: float):
     torch.manual_seed(args.seed)
     vae = build_vae(sizes)
@@ -451,14 +484,30 @@ def train_vae(args: argparse.Namespace, sizes: ReferenceSizes, log: RunLog, devi
             break
         seed = step_seed(args.seed, "vae", step)
         scenes = data.sample_scenes(args.vae_batch, seed)
-        clips = data.render_clips(
-            scenes, seed=seed, num_frames=sizes.num_frames, height=sizes.height, width=sizes.width, device=device
+        clips, coverage = data.render_clips(
+            scenes,
+            seed=seed,
+            num_frames=sizes.num_frames,
+            height=sizes.height,
+            width=sizes.width,
+            device=device,
+            return_coverage=True,
         )
         crop = torch.Generator().manual_seed(seed + 1)
         t0 = int(torch.randint(sizes.num_frames - crop_frames + 1, (1,), generator=crop))
-        y0 = int(torch.randint(sizes.height - tile + 1, (1,), generator=crop))
-        x0 = int(torch.randint(sizes.width - tile + 1, (1,), generator=crop))
-        target = clips[:, :, t0 : t0 + crop_frames, y0 : y0 + tile, x0 : x0 + tile]
+        coverage = coverage[:, t0 : t0 + crop_frames]
+        if args.vae_crop_mode == "object":
+            corners = object_crop_corners(coverage, tile)
+        else:
+            y0 = int(torch.randint(sizes.height - tile + 1, (1,), generator=crop))
+            x0 = int(torch.randint(sizes.width - tile + 1, (1,), generator=crop))
+            corners = [(y0, x0)] * len(scenes)
+        target = torch.stack(
+            [clips[b, :, t0 : t0 + crop_frames, y : y + tile, x : x + tile] for b, (y, x) in enumerate(corners)]
+        )
+        weight = 1.0 + args.vae_object_weight * torch.stack(
+            [coverage[b, :, y : y + tile, x : x + tile] for b, (y, x) in enumerate(corners)]
+        ).unsqueeze(1)
         noise_generator = torch.Generator(device=device).manual_seed(seed + 2)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(args.vae_lr, step, warmup=100, planned=planned)
@@ -467,7 +516,7 @@ def train_vae(args: argparse.Namespace, sizes: ReferenceSizes, log: RunLog, devi
             mean, logvar = moments.mean.float(), moments.logvar.float()
             latents = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=noise_generator, device=device)
             recon = decode_unclamped(vae, latents).float()
-        l1 = (recon - target).abs().mean()
+        l1 = ((recon - target).abs() * weight).mean() / weight.mean()
         # Edges carry the shapes: an L1 term on finite differences keeps them sharp.
         edges = sum((recon.diff(dim=d) - target.diff(dim=d)).abs().mean() for d in (2, 3, 4))
         kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).mean()
@@ -504,6 +553,8 @@ def train_vae(args: argparse.Namespace, sizes: ReferenceSizes, log: RunLog, devi
             "batch": args.vae_batch,
             "crop": [crop_frames, tile, tile],
             "trained_parts": args.vae_train,
+            "object_weight": args.vae_object_weight,
+            "crop_mode": args.vae_crop_mode,
             "lr": args.vae_lr,
             "kl_weight": args.vae_kl_weight,
         }

@@ -126,3 +126,15 @@ def test_same_clip_on_any_device_dtype_path():
     half = data.render_clips(scenes, seed=9, num_frames=5, height=32, width=32, dtype=torch.float16)
     assert half.dtype == torch.float16
     assert torch.allclose(half.float(), reference, atol=2e-3)
+
+
+def test_coverage_marks_exactly_the_object_pixels():
+    scenes = [data.Scene("red", "circle", "moves left", "black"), data.Scene("cyan", "square", "grows", "white")]
+    clips, coverage = data.render_clips(scenes, seed=31, num_frames=9, height=64, width=64, return_coverage=True)
+    assert coverage.shape == (2, 9, 64, 64) and 0.0 <= coverage.min() and coverage.max() <= 1.0
+    plain = data.render_clips(scenes, seed=31, num_frames=9, height=64, width=64)
+    assert torch.equal(clips, plain)  # asking for the coverage changes nothing else
+    for clip, cover, scene in zip(clips, coverage, scenes):
+        object_pixels = torch.from_numpy(_object_masks(clip, scene))
+        assert bool((cover[object_pixels] > 0.5).all())
+        assert float(cover[~object_pixels].mean()) < 0.01

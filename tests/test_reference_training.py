@@ -201,3 +201,22 @@ def test_decoder_only_vae_training_keeps_the_latent_space(train, tmp_path):
     assert config_b["latents_mean"] == config_a["latents_mean"] and config_b["latents_std"] == config_a["latents_std"]
     with pytest.raises(ValueError):
         train.main(_smoke_args(tmp_path / "third", "--stage", "vae", "--vae-steps", "1", "--vae-train", "decoder"))
+
+
+def test_object_crops_centre_on_the_object_and_stay_inside(train):
+    coverage = torch.zeros(3, 4, 64, 64)
+    coverage[0, :, 10:14, 50:54] = 1.0  # near the top right corner: the crop is clamped inside the frame
+    coverage[1, :2, 30:34, 30:34] = 1.0
+    coverage[1, 2:, 38:42, 38:42] = 1.0  # moving: centred on the mean position
+    corners = train.object_crop_corners(coverage, 16)  # clip 2 has no object in view: centre crop
+    assert corners == [(4, 44), (28, 28), (24, 24)]
+
+
+def test_object_weighted_vae_stage_runs(train, tmp_path):
+    train.main(
+        _smoke_args(
+            tmp_path, "--stage", "vae", "--vae-steps", "2", "--vae-object-weight", "8", "--vae-crop-mode", "object"
+        )
+    )
+    stage = json.loads((tmp_path / "logs" / "training_log.json").read_text())["stages"]["vae"]
+    assert stage["object_weight"] == 8.0 and stage["crop_mode"] == "object" and stage["steps_done"] == 2

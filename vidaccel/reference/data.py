@@ -304,8 +304,13 @@ def render_clips(
     width: int = 256,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """Draw ``scenes`` as clips of shape (len(scenes), 3, num_frames, height, width), values in [-1, 1]."""
+    return_coverage: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Draw ``scenes`` as clips of shape (len(scenes), 3, num_frames, height, width), values in [-1, 1].
+
+    With ``return_coverage`` also the object's anti-aliased coverage, shape (len(scenes), num_frames, height, width)
+    in [0, 1]: training losses use it to weight the small object against the large background.
+    """
     if not scenes:
         raise ValueError("need at least one scene")
     device = torch.device(device) if device is not None else torch.device("cpu")
@@ -365,4 +370,5 @@ def render_clips(
 
     background = colour_volume(base) + (colour_volume(alternate) - colour_volume(base)) * pattern
     frames = background + (colour_volume(fill) - background) * coverage
-    return (frames * 2.0 - 1.0).clamp(-1.0, 1.0).to(dtype)
+    clips = (frames * 2.0 - 1.0).clamp(-1.0, 1.0).to(dtype)
+    return (clips, coverage.squeeze(1)) if return_coverage else clips
