@@ -130,3 +130,74 @@ def test_bad_inputs_fail_before_loading(tmp_path):
         text_encoder_eval.load_prompts(empty)
     with pytest.raises(SystemExit):  # --model and --minilm exclude each other
         _run(["--minilm", "--model", str(tmp_path)])
+
+
+def _tiny_bert_folder(root):
+    """A diffusers-style folder with a tiny (random) BERT text encoder and MiniLM's tokenizer."""
+    from vidaccel.reference.text_encoder import minilm_model_dir
+
+    config = transformers.BertConfig(vocab_size=30522, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, max_position_embeddings=128)
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(root / "text_encoder")
+    transformers.AutoTokenizer.from_pretrained(minilm_model_dir()).save_pretrained(root / "tokenizer")
+    return root
+
+
+def test_gptq_calibration_flag_on_a_tiny_encoder(tmp_path, capsys):
+    _tiny_bert_folder(tmp_path)
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(PROMPTS))
+    calibration = tmp_path / "calibration.json"
+    calibration.write_text(json.dumps(PROMPTS[1:]))  # a plain JSON list
+    common = ["--model", str(tmp_path), "--methods", "int4,nvfp4", "--prompts", str(prompts), "--max-length", "64"]
+    free_out, gptq_out = tmp_path / "free.json", tmp_path / "gptq.json"
+    assert _run([*common, "--out", str(free_out)]) == 0
+    capsys.readouterr()
+    assert _run([*common, "--calibration", "gptq", "--calibration-prompts", str(calibration),
+                 "--out", str(gptq_out)]) == 0
+    printed = capsys.readouterr().out
+    free, report = json.loads(free_out.read_text()), json.loads(gptq_out.read_text())
+    assert free["calibration"] is None and "calibration" not in free["rows"][0]
+    assert report["calibration"] == "gptq" and report["calibration_prompts"] == str(calibration)
+    for row, base in zip(report["rows"], free["rows"]):
+        assert row["config"]["calibration"] == "gptq" and row["config"]["calibration_prompts"] == str(calibration)
+        stats = row["calibration"]
+        assert stats["method"] == "gptq" and stats["prompts"] == 3 and stats["uncalibrated"] == []
+        # 2 layers x (qkv, attention out, FFN in, FFN out) + pooler; the pooler reads [CLS] only
+        assert stats["stages"] == 9 and 3 < stats["tokens"] <= 64 * 3
+        assert row["linear_bits_per_weight"] == base["linear_bits_per_weight"]  # same storage
+        # the evaluation prompts hold the calibration ones: GPTQ lowers the error on them
+        assert row["rel_l2_mean"] < base["rel_l2_mean"]
+    assert "GPTQ rounding calibrated on" in printed
+    assert "| int4 + GPTQ |" in printed and "| nvfp4 + GPTQ |" in printed
+
+
+def test_gptq_calibration_flag_defaults_to_the_shipped_set_and_checks_its_inputs(tmp_path):
+    from vidaccel.text_encoder.gptq import load_calibration_prompts
+
+    _tiny_bert_folder(tmp_path)
+    out = tmp_path / "report.json"
+    assert _run(["--model", str(tmp_path), "--methods", "int8", "--calibration", "gptq", "--prompts",
+                 str(_write(tmp_path / "p.json", PROMPTS[:1])), "--max-length", "32", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["calibration_prompts"] == "shipped calibration set"
+    assert report["rows"][0]["calibration"]["prompts"] == len(load_calibration_prompts())
+    assert report["rows"][0]["config"]["calibration_prompts"] is None
+    # --calibration-prompts alone, an empty file, an unknown calibration: errors before anything is loaded
+    with pytest.raises(ValueError, match="needs --calibration"):
+        _run(["--model", str(tmp_path / "missing"), "--calibration-prompts", str(tmp_path / "p.json")])
+    with pytest.raises(ValueError, match="needs --calibration"):
+        text_encoder_eval.parse_methods("int8", calibration_prompts=["a cat"])
+    with pytest.raises(ValueError, match="no prompts"):
+        _run(["--model", str(tmp_path / "missing"), "--calibration", "gptq", "--calibration-prompts",
+              str(_write(tmp_path / "empty.json", []))])
+    with pytest.raises(SystemExit):
+        _run(["--model", str(tmp_path), "--calibration", "awq"])
+    configs = text_encoder_eval.parse_methods("int4,mxfp4", calibration="gptq", calibration_prompts=["a", "b"])
+    assert all(c.calibration == "gptq" and c.calibration_prompts == ("a", "b") for c in configs)
+
+
+def _write(path, data):
+    path.write_text(json.dumps(data))
+    return path

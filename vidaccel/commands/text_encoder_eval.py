@@ -6,6 +6,10 @@ compared with the reference on every real (non-padding) token of ``last_hidden_s
 the floor is as good as the precision pipelines already run in. The encoder is restored bit for bit after each
 method. ``--compute-dtype float32`` (default) isolates the weight error; ``bfloat16`` quantizes the bf16 copy and
 runs it in bf16, as a pipeline would.
+
+``--calibration gptq`` lets GPTQ choose every method's rounding on calibration prompts (the shipped
+``calibration_prompts.json``, disjoint from the default evaluation prompts, or ``--calibration-prompts FILE``),
+tokenized with the encoder's own tokenizer at the evaluation's token limit; the stored format is unchanged.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 # Tokenizers without a real limit report a huge model_max_length; pipelines encode at most 512 tokens.
 FALLBACK_MAX_LENGTH = 512
 UNSET_MAX_LENGTH = 1_000_000
+CALIBRATIONS = ("gptq",)  # vidaccel.text_encoder.gptq.CALIBRATION_METHODS, without importing torch for --help
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,6 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", type=Path,
                         help='prompt file: JSON ({"prompts": [...]} or a list) or text, one prompt per line '
                              "(default: the shipped prompt set)")
+    parser.add_argument("--calibration", choices=CALIBRATIONS,
+                        help="choose the rounding with data: gptq (default: data-free round-to-nearest)")
+    parser.add_argument("--calibration-prompts", type=Path,
+                        help="prompts for --calibration: JSON list (or {\"prompts\": [...]}) or text, one per line "
+                             "(default: the shipped calibration set, disjoint from the evaluation prompts)")
     parser.add_argument("--max-length", type=int,
                         help=f"token limit (default: the tokenizer's, else {FALLBACK_MAX_LENGTH})")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -52,7 +62,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------------------------------------ inputs
 
 
-def parse_methods(text: str, group_size: int = 64, hadamard_block: int = 0, quantize_embeddings: bool = False):
+def parse_methods(
+    text: str,
+    group_size: int = 64,
+    hadamard_block: int = 0,
+    quantize_embeddings: bool = False,
+    calibration: str | None = None,
+    calibration_prompts: list[str] | None = None,
+):
     """The ``TextEncoderQuant`` configs named by a comma-separated list (validated, nothing loaded)."""
     from ..text_encoder.quantize import TextEncoderQuant
 
@@ -62,6 +79,12 @@ def parse_methods(text: str, group_size: int = 64, hadamard_block: int = 0, quan
     if len(set(names)) != len(names):
         raise ValueError(f"--methods lists a method twice: {text!r}")
     extra: dict[str, Any] = {"hadamard": True, "hadamard_block": hadamard_block} if hadamard_block else {}
+    if calibration is not None:
+        extra["calibration"] = calibration
+    if calibration_prompts is not None:
+        if calibration is None:
+            raise ValueError("--calibration-prompts needs --calibration (e.g. --calibration gptq)")
+        extra["calibration_prompts"] = tuple(calibration_prompts)
     return [
         TextEncoderQuant(method=name, group_size=group_size, quantize_embeddings=quantize_embeddings, **extra)
         for name in names
@@ -152,7 +175,13 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from ..text_encoder.eval import compare_embeddings, encode_all, hf_encode_fn
     from ..text_encoder.quantize import module_bytes, quantize_text_encoder
 
-    configs = parse_methods(args.methods, args.group_size, args.hadamard_block, args.quantize_embeddings)
+    calibration = getattr(args, "calibration", None)
+    calibration_file = getattr(args, "calibration_prompts", None)
+    if calibration_file is not None and calibration is None:
+        raise ValueError("--calibration-prompts needs --calibration (e.g. --calibration gptq)")
+    calibration_prompts = load_prompts(calibration_file) if calibration_file is not None else None
+    configs = parse_methods(args.methods, args.group_size, args.hadamard_block, args.quantize_embeddings,
+                            calibration, calibration_prompts)
     prompts = load_prompts(args.prompts)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     encoder, tokenizer, name = load_text_encoder(None if args.minilm else args.model, args.subfolder, device)
@@ -176,22 +205,27 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     for config in configs:
         started = time.perf_counter()
-        result = quantize_text_encoder(base, config)
+        # the tokenizer and token limit only matter for calibration: the prompts are tokenized like the evaluation's
+        result = quantize_text_encoder(base, config, tokenizer=tokenizer, max_length=max_length)
         quantize_s = time.perf_counter() - started
         try:
             fidelity = compare_embeddings(reference, embed(base))
             bits = linear_bits_per_weight(base)
         finally:
             result.restore()
+        config_dict = {**config.to_dict(), "method": config.method}
+        if calibration_prompts is not None:  # the file, not every prompt
+            config_dict["calibration_prompts"] = str(calibration_file)
         rows.append({
             "method": config.method,
-            "config": {**config.to_dict(), "method": config.method},
+            "config": config_dict,
             "linear_bits_per_weight": None if bits is None else round(bits, 4),
             "quantized_linear_layers": len(result.quantized_modules),
             "quantized_embeddings": len(result.quantized_embeddings),
             "encoder_bytes_before": result.bytes_before,
             "encoder_bytes_after": result.bytes_after,
             "quantize_seconds": round(quantize_s, 3),
+            **({"calibration": result.calibration} if result.calibration is not None else {}),
             **fidelity.to_dict(),
         })
     return {
@@ -201,6 +235,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         "compute_dtype": args.compute_dtype,
         "device": torch.cuda.get_device_name(0) if str(device).startswith("cuda") else str(device),
         "prompts": len(prompts),
+        "calibration": calibration,
+        "calibration_prompts": (None if calibration is None else
+                                str(calibration_file) if calibration_file is not None else "shipped calibration set"),
         "max_length": max_length,
         "tokens": noise_floor.tokens,
         "torch": torch.__version__,
@@ -212,7 +249,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 def markdown_table(report: dict[str, Any]) -> str:
     lines = [
         f"{report['model']}: {report['prompts']} prompts, {report['tokens']} real tokens (max {report['max_length']}), "
-        f"fp32 reference, quantized encoder in {report['compute_dtype']}",
+        f"fp32 reference, quantized encoder in {report['compute_dtype']}"
+        + (f", {report['calibration'].upper()} rounding calibrated on {report['calibration_prompts']}"
+           if report.get("calibration") else ""),
         "",
         "| weights | bits/weight | encoder MB | cos mean | cos p1 | cos min | rel L2 mean | rel L2 max |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -229,6 +268,8 @@ def markdown_table(report: dict[str, Any]) -> str:
     for row in report["rows"]:
         bits = "-" if row["linear_bits_per_weight"] is None else f"{row['linear_bits_per_weight']:.2f}"
         label = row["method"] + (" + embeddings" if row["quantized_embeddings"] else "")
+        if row["config"].get("calibration"):
+            label += f" + {row['config']['calibration'].upper()}"
         lines.append(line(label, bits, f"{row['encoder_bytes_after'] / 1e6:.1f}", row))
     return "\n".join(lines)
 
