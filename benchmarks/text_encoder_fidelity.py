@@ -9,6 +9,9 @@ the encoder gives the noise floor. The model comes from the offline ``gt_all_min
     python benchmarks/text_encoder_fidelity.py --smoke --out /tmp/x.json   # 2 rows, 6 prompts: tests the script
     python benchmarks/text_encoder_fidelity.py --gptq   # GPTQ rows (and their data-free baselines) instead; default
                                                         # out results/text_encoder_fidelity_gptq_cpu_<date>.json
+    python benchmarks/text_encoder_fidelity.py --gptq --only mxfp4 --only "mxfp4 + GPTQ" --merge --out FILE \
+        --note "..."   # run some rows only and add them to FILE's rows (a row of the same label is kept, marked
+                       # superseded and relabelled "<label> (earlier run)")
 
 GPTQ rows calibrate on the shipped calibration prompts (``vidaccel/text_encoder/calibration_prompts.json``, 65
 prompts disjoint from the evaluation set), with the defaults damp 0.01 and act-order on unless the label says
@@ -95,6 +98,7 @@ GPTQ_ROWS: list[tuple[str, TextEncoderQuant]] = [
     ("int4 SINQ g64 + GPTQ, no act-order",
      TextEncoderQuant(method="int4-sinq", group_size=64, calibration="gptq", gptq_act_order=False)),
     ("nvfp4 + GPTQ", TextEncoderQuant(method="nvfp4", **_GPTQ)),
+    ("mxfp4", TextEncoderQuant(method="mxfp4")),
     ("mxfp4 + GPTQ", TextEncoderQuant(method="mxfp4", **_GPTQ)),
     ("nvint4 + GPTQ", TextEncoderQuant(method="nvint4", **_GPTQ)),
 ]
@@ -165,7 +169,8 @@ def fidelity_breakdown(reference: dict[str, list], candidate: dict[str, list]) -
     return out
 
 
-def run(out: Path, batch_size: int, smoke: bool = False, gptq: bool = False) -> dict:
+def run(out: Path, batch_size: int, smoke: bool = False, gptq: bool = False, only: list[str] | None = None,
+        merge: bool = False, note: str | None = None) -> dict:
     from transformers import AutoModel, AutoTokenizer
 
     torch.manual_seed(0)
@@ -194,8 +199,11 @@ def run(out: Path, batch_size: int, smoke: bool = False, gptq: bool = False) -> 
 
     rows = []
     table, smoke_rows = (GPTQ_ROWS, GPTQ_SMOKE_ROWS) if gptq else (ROWS, SMOKE_ROWS)
+    unknown = set(only or ()) - {label for label, _ in table}
+    if unknown:
+        raise ValueError(f"--only names rows this table does not have: {sorted(unknown)}")
     for label, config in table:
-        if smoke and label not in smoke_rows:
+        if (smoke and label not in smoke_rows) or (only and label not in only):
             continue
         started = time.perf_counter()
         result = quantize_text_encoder(model, config, tokenizer=tokenizer)
@@ -215,6 +223,7 @@ def run(out: Path, batch_size: int, smoke: bool = False, gptq: bool = False) -> 
                 "encoder_bytes_after": result.bytes_after,
                 "quantize_seconds": round(quantize_s, 3),
                 **({"calibration": result.calibration} if result.calibration is not None else {}),
+                **({"note": note} if note else {}),
                 **measured,
             }
         )
@@ -225,7 +234,18 @@ def run(out: Path, batch_size: int, smoke: bool = False, gptq: bool = False) -> 
     if restored.keys() != snapshot.keys() or not all(torch.equal(snapshot[k], restored[k]) for k in snapshot):
         raise RuntimeError("restore() did not give back the exact original weights")
 
-    by_label = {row["label"]: row for row in rows}
+    merged_runs = []
+    if merge and out.exists():
+        earlier = json.loads(out.read_text(encoding="utf-8"))
+        new_labels = {row["label"] for row in rows}
+        rows = [{**row, "label": f"{row['label']} (earlier run)", "superseded": True}
+                if row["label"] in new_labels else row for row in earlier["rows"]] + rows
+        merged_runs = earlier.get("merged_runs", [])
+        merged_runs.append({"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+                            "rows": sorted(new_labels), "torch": torch.__version__,
+                            "threads": torch.get_num_threads(), **({"note": note} if note else {})})
+
+    by_label = {row["label"]: row for row in rows if not row.get("superseded")}
     checks = {label: {"target": target, "measured": by_label[label]["cosine_mean"],
                       "met": by_label[label]["cosine_mean"] >= target}
               for label, target in {**TARGETS, **GPTQ_TARGETS}.items() if label in by_label}
@@ -255,6 +275,7 @@ def run(out: Path, batch_size: int, smoke: bool = False, gptq: bool = False) -> 
         "noise_floor_bf16": noise_floor,
         "target_checks": checks,
         "restore_bit_exact": True,
+        **({"merged_runs": merged_runs} if merged_runs else {}),
         "rows": rows,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -303,10 +324,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="two rows on six prompts (tests the script)")
     parser.add_argument("--gptq", action="store_true",
                         help="GPTQ-calibrated rows and their data-free baselines instead of the data-free table")
+    parser.add_argument("--only", action="append", metavar="LABEL", help="run only this row (repeatable)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows already in --out and add these (same label: the old row is kept, "
+                             "marked superseded)")
+    parser.add_argument("--note", help="a note stored on every row of this run")
     args = parser.parse_args(argv)
     if args.out is None:
         args.out = RESULTS_DIR / f"text_encoder_fidelity{'_gptq' if args.gptq else ''}_cpu_{date}.json"
-    report = run(args.out, args.batch_size, args.smoke, args.gptq)
+    report = run(args.out, args.batch_size, args.smoke, args.gptq, args.only, args.merge, args.note)
     print(markdown_table(report))
     print(f"wrote {args.out}")
     return 0

@@ -33,7 +33,7 @@ def _output_error(linear, quantized, x):
 
 
 @pytest.mark.parametrize("method,group", [("int8", 64), ("int4", 64), ("int4-sinq", 64), ("int4-sinq", 32),
-                                          ("nvfp4", 64)])
+                                          ("nvfp4", 64), ("mxfp4", 64)])
 def test_gptq_output_error_below_rtn_with_the_same_storage(method, group):
     linear, x = _correlated_layer()
     hessian = 2 * x.T @ x / x.shape[0]
@@ -58,8 +58,42 @@ def test_diagonal_hessian_gives_exactly_the_data_free_result(method, act_order):
     hessian = torch.diag(torch.linspace(0.5, 2.0, 128))
     rtn = QuantizedLinear.from_linear(linear, method, group_size=32)
     gptq = G.quantize_linear_gptq(linear, method, hessian, group_size=32, act_order=act_order)
-    for name, tensor in rtn.packed.tensors.items():
+    expected = rtn.packed.tensors
+    if method == "mxfp4":  # GPTQ's MXFP4 exponent is the searched one, not OCP's: RTN with that scale byte
+        blocks = linear.weight.detach().reshape(32, -1, F.MXFP4_BLOCK)
+        scale_byte = F.e8m0_encode(F.mxfp4_searched_exponent(blocks))
+        codes = F.e2m1_encode(blocks / F.e8m0_decode(scale_byte)[..., None]).reshape(linear.weight.shape)
+        expected = {"qweight": F.pack_nibbles(codes), "scale_e8m0": scale_byte}
+        assert not torch.equal(scale_byte, rtn.packed.tensors["scale_e8m0"])  # some blocks did go up
+    for name, tensor in expected.items():
         assert torch.equal(gptq.packed.tensors[name], tensor), name
+
+
+def test_mxfp4_searched_exponent_never_saturates_where_that_costs_more():
+    g = torch.Generator().manual_seed(7)
+    blocks = torch.randn(64, 8, F.MXFP4_BLOCK, generator=g) * torch.exp(torch.randn(64, 8, 1, generator=g))
+    blocks[0, 0] = 0.0  # an all-zero block keeps the smallest exponent
+    blocks[0, 1, :] = 0.01
+    blocks[0, 1, 0] = 7.9  # OCP: 2^0, 7.9 saturates to 6; one up (scale 2) rounds 7.9 to 8 and the rest to 0
+    ocp = F.mxfp4_exponent(blocks.abs().amax(dim=-1))
+    searched = F.mxfp4_searched_exponent(blocks)
+    assert int(ocp[0, 0]) == int(searched[0, 0]) == F.E8M0_MIN_EXP
+    assert int(ocp[0, 1]) == 0 and int(searched[0, 1]) == 1
+
+    def error(e):
+        s = F.e8m0_decode(F.e8m0_encode(e))[..., None]
+        return ((F.e2m1_decode(F.e2m1_encode(blocks / s)) * s - blocks) ** 2).sum(dim=-1)
+
+    assert ((searched == ocp) | (searched == ocp + 1)).all()
+    assert (error(searched) <= error(ocp)).all()
+    # where OCP's scale saturates nothing it is kept; where the searched one differs, the block fits under 6 units
+    amax = blocks.abs().amax(dim=-1)
+    fits = amax <= 6.0 * F.e8m0_decode(F.e8m0_encode(ocp))
+    assert torch.equal(searched[fits], ocp[fits]) and (searched != ocp).any()
+    assert (amax[searched != ocp] <= 4.0 * F.e8m0_decode(F.e8m0_encode(searched[searched != ocp]))).all()
+    # the data-free format keeps the OCP rule
+    w = blocks.reshape(64, -1)
+    assert torch.equal(F.quantize_mxfp4(w).tensors["scale_e8m0"], F.e8m0_encode(ocp))
 
 
 def test_identity_like_hessian_is_close_to_rtn():

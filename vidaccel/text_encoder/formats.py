@@ -337,16 +337,40 @@ def dequantize_nvfp4(packed: PackedWeight, dtype: torch.dtype = torch.float32) -
     return (values * scale[..., None]).reshape(packed.shape).to(dtype)
 
 
-def quantize_mxfp4(weight: torch.Tensor) -> PackedWeight:
-    w = _checked_weight(weight, MXFP4_BLOCK)
-    block_amax = _as_blocks(w, MXFP4_BLOCK).abs().amax(dim=-1)
-    # OCP MX rule: the largest element lands in [4, 8) before E2M1 rounding, so values above 6 saturate.
-    exponent = torch.where(
+def mxfp4_exponent(block_amax: torch.Tensor) -> torch.Tensor:
+    """The OCP MX scale exponent ``floor(log2 amax_blk) - 2`` (int32; the smallest one for an all-zero block).
+
+    The block's largest element lands in [4, 8) before E2M1 rounding, so values above 6 saturate to 6."""
+    return torch.where(
         block_amax > 0,
         floor_log2(torch.where(block_amax > 0, block_amax, torch.ones_like(block_amax))) - 2,
         torch.full_like(block_amax, E8M0_MIN_EXP, dtype=torch.int32),
     )
-    scale_byte = e8m0_encode(exponent)
+
+
+def mxfp4_searched_exponent(blocks: torch.Tensor) -> torch.Tensor:
+    """Per block of ``blocks`` ``(..., block)``: of the OCP exponent (:func:`mxfp4_exponent`) and the next one
+    up, which cannot saturate (``amax_blk / 2^e <= 4 < 6``), the one whose E2M1 rounding of the block has the
+    least squared error; ties keep the OCP exponent. Where the OCP scale saturates nothing (``amax / s <= 6``) it
+    always wins: the coarser grid's points up to 6 are a subset of its own.
+
+    Used by GPTQ (``gptq.Mxfp4Columns``), whose error feedback must not push a block's values into saturation;
+    the data-free :func:`quantize_mxfp4` keeps the OCP rule."""
+    exponent = mxfp4_exponent(blocks.abs().amax(dim=-1))
+
+    def error(e: torch.Tensor) -> torch.Tensor:
+        s = e8m0_decode(e8m0_encode(e))[..., None]
+        return ((e2m1_decode(e2m1_encode(blocks / s)) * s - blocks) ** 2).sum(dim=-1)
+
+    up = (exponent + 1).clamp(max=E8M0_MAX_EXP)
+    return torch.where(error(up) < error(exponent), up, exponent)
+
+
+def quantize_mxfp4(weight: torch.Tensor) -> PackedWeight:
+    w = _checked_weight(weight, MXFP4_BLOCK)
+    block_amax = _as_blocks(w, MXFP4_BLOCK).abs().amax(dim=-1)
+    # OCP MX rule: the largest element lands in [4, 8) before E2M1 rounding, so values above 6 saturate.
+    scale_byte = e8m0_encode(mxfp4_exponent(block_amax))
     scaled = _as_blocks(w, MXFP4_BLOCK) / e8m0_decode(scale_byte)[..., None]
     codes = e2m1_encode(scaled).reshape(w.shape)
     return PackedWeight(

@@ -19,8 +19,17 @@ Scales. A scale block (an int4 group, an NVFP4/NVINT4 block of 16, an MXFP4 bloc
 per-row formats) gets its parameters when GPTQ reaches its first column: they are computed, by the same rule as the
 data-free path (RTN range, or the least-squares range search where the method uses it), from the *current* weights
 of that block, i.e. the original weights plus every error update received so far (pending lazy updates included).
-With a diagonal ``H`` no error moves and the result is bit for bit the data-free one. NVFP4 / NVINT4's tensor
-scale comes from the whole weight before GPTQ starts.
+With a diagonal ``H`` no error moves and the result is bit for bit the data-free one, except for MXFP4 (below).
+NVFP4 / NVINT4's tensor scale comes from the whole weight before GPTQ starts.
+
+MXFP4's exponent. The data-free OCP rule ``floor(log2 amax) - 2`` puts a block's largest value in [4, 8) scale
+units, so up to a quarter of its range saturates at 6. Under GPTQ that clipping is not a bounded rounding error:
+it is fed back into the unquantized columns, which grow, saturate in turn (after error feedback values reached 17
+scale units on all-MiniLM-L6-v2) and feed back more; the weights then fit the calibration activations but a few
+tokens of unseen long prompts collapsed (cosine near 0). So GPTQ picks, per block from its current weights, the
+OCP exponent or the next one up (which cannot saturate them), whichever rounds the block with less squared error
+(:func:`formats.mxfp4_searched_exponent`): the same storage and grid, only another scale byte. With a diagonal
+``H`` the result is therefore that searched-exponent RTN, not the data-free bytes.
 
 SINQ (``int4-sinq`` / ``int8-sinq``): the column scale ``c`` comes from the weight exactly as without calibration;
 the layer computes ``(x * c) @ (W / c)^T``, so GPTQ quantizes ``W / c`` against the Hessian of ``x * c``, which is
@@ -228,20 +237,18 @@ class NvColumns(_BlockScaledColumns):
 
 
 class Mxfp4Columns(_BlockScaledColumns):
-    """MXFP4: E2M1 values, power-of-two E8M0 scale per block of 32."""
+    """MXFP4: E2M1 values, power-of-two E8M0 scale per block of 32, exponent from
+    :func:`formats.mxfp4_searched_exponent` (OCP's or one up, whichever rounds the block's current weights
+    better)."""
 
     def __init__(self, out_features, in_features, device):
         super().__init__(out_features, in_features, formats.MXFP4_BLOCK, device)
         self.scale_byte = torch.zeros(self.effective.shape, dtype=torch.uint8, device=device)
 
     def _set_block(self, index, current):
-        amax = current.abs().amax(dim=1)
-        exponent = torch.where(
-            amax > 0,
-            formats.floor_log2(torch.where(amax > 0, amax, torch.ones_like(amax))) - 2,
-            torch.full_like(amax, formats.E8M0_MIN_EXP, dtype=torch.int32),
-        )
-        self.scale_byte[:, index] = formats.e8m0_encode(exponent)
+        # Not the data-free OCP exponent alone (see the module docstring): the searched one never saturates the
+        # block where saturating costs more than the coarser grid does.
+        self.scale_byte[:, index] = formats.e8m0_encode(formats.mxfp4_searched_exponent(current))
         self.effective[:, index] = formats.e8m0_decode(self.scale_byte[:, index])
 
     def quantize_column(self, column, w):
