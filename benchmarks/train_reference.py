@@ -429,7 +429,7 @@ def object_crop_corners(coverage: torch.Tensor, tile: int) -> list[tuple[int, in
 
     ``coverage`` is (B, F, H, W); a clip whose object is out of view gets the centre crop.
     """
-    batch, _, height, width = coverage.shape
+    _, _, height, width = coverage.shape
     mass = coverage.sum(dim=1)  # (B, H, W)
     total = mass.sum(dim=(1, 2)).clamp_min(1e-6)
     ys = torch.arange(height, device=coverage.device, dtype=torch.float32)
