@@ -47,3 +47,26 @@ def test_bench_writes_json_markdown_plot_and_is_reproducible(tmp_path):
     assert (tmp_path / "a" / "speed_vs_quality.png").read_bytes()[:4] == b"\x89PNG"
     strip = lambda rec: [{k: v for k, v in run.items() if "seconds" not in k} for run in rec["runs"]]  # noqa: E731
     assert strip(record) == strip(second["records"][0])
+
+
+def test_warm_up_silences_plan_warnings_of_its_short_run_only(monkeypatch):
+    import warnings
+
+    from vidaccel import runner
+    from vidaccel.offline_planner.plan_file import PlanWarning
+
+    calls = []
+
+    def fake_generate(loaded, prompt, *, seed=0, progress=True, **overrides):
+        calls.append(overrides)
+        warnings.warn("plan rescaled to 2 steps", PlanWarning)
+        warnings.warn("something else", UserWarning)
+
+    monkeypatch.setattr(runner, "generate", fake_generate)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        runner.warm_up(None, "a prompt", seed=3, steps=2, height=64)
+        assert [type(w.message) for w in caught] == [UserWarning]
+        runner.generate(None, "a prompt")  # the timed run keeps its plan warnings
+        assert PlanWarning in [type(w.message) for w in caught]
+    assert calls[0] == {"height": 64, "num_inference_steps": 2}

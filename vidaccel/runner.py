@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+import warnings
 from typing import Any, Optional
 
 import numpy as np
@@ -134,6 +135,19 @@ def generate(loaded: LoadedPipeline, prompt: str, *, seed: int = 0, progress: bo
     if kwargs["output_type"] == "np":
         video = np.asarray(video)[0]
     return Generation(video, seconds, peak)
+
+
+def warm_up(loaded: LoadedPipeline, prompt: str, *, seed: int = 0, steps: int = 2, **overrides: Any) -> None:
+    """An untimed short generation, so that one-time set-up (kernel compilation, autotuning, masks) is not timed.
+
+    LeMiCa's warning that a plan was rescaled to this run's few steps is silenced here: it describes the warm-up,
+    not the timed run, which warns on its own if its step count needs a rescale.
+    """
+    from .offline_planner.plan_file import PlanWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PlanWarning)
+        generate(loaded, prompt, seed=seed, progress=False, **{**overrides, "num_inference_steps": steps})
 
 
 @contextlib.contextmanager

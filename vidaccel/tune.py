@@ -200,7 +200,7 @@ def tune(loaded, prompts: Sequence[str], *, floor: QualityFloor = QualityFloor()
     that meets `floor` on every prompt x seed. Raises `TuneError` when none does."""
     from .adapters import for_pipeline
     from .metrics import psnr, ssim
-    from .runner import accelerated, generate
+    from .runner import accelerated, generate, warm_up
 
     if not prompts:
         raise ValueError("tune needs at least one prompt")
@@ -225,12 +225,11 @@ def tune(loaded, prompts: Sequence[str], *, floor: QualityFloor = QualityFloor()
 
     # Untimed warm-up: the stock pipeline, then each distinct attention method (kernel compilation, autotuning).
     if warmup_steps > 0:
-        warm = {**overrides, "num_inference_steps": warmup_steps}
-        generate(loaded, runs[0][0], seed=runs[0][1], progress=False, **warm)
+        warm_up(loaded, runs[0][0], seed=runs[0][1], steps=warmup_steps, **overrides)
         for _, attention in grid.attention_choices():
             if attention is not None:
                 with accelerated(loaded.pipe, Preset(attention=attention, name="warm-up")):
-                    generate(loaded, runs[0][0], seed=runs[0][1], progress=False, **warm)
+                    warm_up(loaded, runs[0][0], seed=runs[0][1], steps=warmup_steps, **overrides)
 
     dense = generate_all("dense (stock)")
     dense_seconds = statistics.mean(g.seconds for g in dense)

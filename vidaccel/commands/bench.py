@@ -57,7 +57,7 @@ def _method_summary(stats: dict) -> dict:
 def run(args: argparse.Namespace) -> int:
     from ..metrics import compare_videos, json_safe, relative_l1
     from ..presets import resolve_preset
-    from ..runner import accelerated, generate, load_pipeline
+    from ..runner import accelerated, generate, load_pipeline, warm_up
 
     presets = [resolve_preset(name.strip()) for name in args.presets.split(",") if name.strip()]
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -66,13 +66,12 @@ def run(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in {"num_inference_steps": args.steps, "height": args.height, "width": args.width,
                                    "num_frames": args.frames}.items() if v is not None}
     latent_only = loaded.call_defaults.get("output_type") == "latent"
-    warmup = {**overrides, "num_inference_steps": args.warmup_steps}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     def run_all(label: str) -> list:
         if args.warmup_steps > 0:
-            generate(loaded, prompts[0], seed=seeds[0], progress=False, **warmup)
+            warm_up(loaded, prompts[0], seed=seeds[0], steps=args.warmup_steps, **overrides)
         results = []
         for prompt in prompts:
             for seed in seeds:

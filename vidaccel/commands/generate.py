@@ -37,7 +37,7 @@ def _overrides(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     from ..metrics import compare_videos, json_safe
     from ..presets import resolve_preset
-    from ..runner import accelerated, generate, load_pipeline
+    from ..runner import accelerated, generate, load_pipeline, warm_up
     from ..video_io import write_mp4, write_side_by_side
 
     preset = resolve_preset(args.preset)  # fail on a bad preset before loading anything
@@ -48,18 +48,17 @@ def run(args: argparse.Namespace) -> int:
                     "call": {k: v for k, v in {**loaded.call_defaults, **overrides}.items()
                              if isinstance(v, (int, float, str))}}
 
-    warmup = {**overrides, "num_inference_steps": args.warmup_steps}
     dense = None
     if not args.no_compare:
         print(f"[vidaccel] dense baseline ({loaded.name})")
         if args.warmup_steps > 0:
-            generate(loaded, args.prompt, seed=args.seed, progress=False, **warmup)
+            warm_up(loaded, args.prompt, seed=args.seed, steps=args.warmup_steps, **overrides)
         dense = generate(loaded, args.prompt, seed=args.seed, **overrides)
         result["dense_seconds"] = dense.seconds
     print(f"[vidaccel] accelerated with preset {preset.name!r}")
     with accelerated(loaded.pipe, preset) as handle:
         if args.warmup_steps > 0:
-            generate(loaded, args.prompt, seed=args.seed, progress=False, **warmup)
+            warm_up(loaded, args.prompt, seed=args.seed, steps=args.warmup_steps, **overrides)
         fast = generate(loaded, args.prompt, seed=args.seed, **overrides)
         result["stats"] = handle.stats()
     result["accelerated_seconds"] = fast.seconds
