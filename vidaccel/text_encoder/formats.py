@@ -165,7 +165,7 @@ def _checked_weight(weight: torch.Tensor, block: int | None = None) -> torch.Ten
     return weight.detach().to(torch.float32)
 
 
-def _safe_divisor(scale: torch.Tensor) -> torch.Tensor:
+def safe_divisor(scale: torch.Tensor) -> torch.Tensor:
     # A zero scale only occurs for an all-zero row/block; dividing by 1 then yields the zero codes we want.
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
@@ -173,7 +173,7 @@ def _safe_divisor(scale: torch.Tensor) -> torch.Tensor:
 def _divide_blocks(w: torch.Tensor, block: int, scale: torch.Tensor) -> torch.Tensor:
     """``w / scale`` per block, with 0 where the block scale is 0 (all-zero or underflowed block)."""
     blocks = _as_blocks(w, block)
-    scaled = blocks / _safe_divisor(scale)[..., None]
+    scaled = blocks / safe_divisor(scale)[..., None]
     return torch.where(scale[..., None] > 0, scaled, torch.zeros_like(scaled))
 
 
@@ -196,7 +196,7 @@ def int8_searched_scale(w: torch.Tensor) -> torch.Tensor:
         best_err = torch.full_like(full, float("inf"))
         for factor in INT8_RANGE_FACTORS:
             s = full * factor
-            d = _safe_divisor(s)[:, None]
+            d = safe_divisor(s)[:, None]
             err = ((torch.round(rows / d).clamp(-127, 127) * d - rows) ** 2).sum(dim=1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
@@ -205,10 +205,15 @@ def int8_searched_scale(w: torch.Tensor) -> torch.Tensor:
     return scale
 
 
+def int8_scale(w: torch.Tensor, search_range: bool = False) -> torch.Tensor:
+    """Per-row int8 scale: ``amax_row / 127``, or the range-searched one."""
+    return int8_searched_scale(w) if search_range else w.abs().amax(dim=1) / 127.0
+
+
 def quantize_int8(weight: torch.Tensor, search_range: bool = False) -> PackedWeight:
     w = _checked_weight(weight)
-    scale = int8_searched_scale(w) if search_range else w.abs().amax(dim=1) / 127.0
-    q = torch.round(w / _safe_divisor(scale)[:, None]).clamp(-127, 127).to(torch.int8)
+    scale = int8_scale(w, search_range)
+    q = torch.round(w / safe_divisor(scale)[:, None]).clamp(-127, 127).to(torch.int8)
     return PackedWeight("int8", tuple(w.shape), w.shape[1], {"qweight": q, "scale": scale})
 
 
@@ -217,10 +222,15 @@ def dequantize_int8(packed: PackedWeight, dtype: torch.dtype = torch.float32) ->
     return (t["qweight"].to(torch.float32) * t["scale"][:, None]).to(dtype)
 
 
+def fp8_scale(w: torch.Tensor) -> torch.Tensor:
+    """Per-row E4M3 scale ``amax_row / 448``."""
+    return w.abs().amax(dim=1) / E4M3_MAX
+
+
 def quantize_fp8(weight: torch.Tensor) -> PackedWeight:
     w = _checked_weight(weight)
-    scale = w.abs().amax(dim=1) / E4M3_MAX
-    q = e4m3_round(w / _safe_divisor(scale)[:, None])
+    scale = fp8_scale(w)
+    q = e4m3_round(w / safe_divisor(scale)[:, None])
     return PackedWeight("fp8", tuple(w.shape), w.shape[1], {"qweight": q, "scale": scale})
 
 
@@ -306,14 +316,24 @@ def dequantize_int4(packed: PackedWeight, dtype: torch.dtype = torch.float32) ->
 # Microscaling 4-bit formats
 
 
+def nv_tensor_scale(w: torch.Tensor, qmax: float) -> torch.Tensor:
+    """The per-tensor fp32 scale ``amax_tensor / (448 * qmax)`` of NVFP4 / NVINT4 (1 for an all-zero tensor)."""
+    amax = w.abs().amax()
+    return amax / (E4M3_MAX * qmax) if amax > 0 else torch.ones((), device=w.device)
+
+
+def nv_block_scale(block_amax: torch.Tensor, qmax: float, tensor_scale: torch.Tensor) -> torch.Tensor:
+    """E4M3 block scales ``e4m3(amax_blk / qmax / S)``.
+
+    amax_blk <= amax_tensor, so the ratio is <= 448 and the E4M3 cast only rounds (it can underflow to 0 for
+    blocks far below the tensor's maximum; those blocks then quantize to zero instead of dividing by zero)."""
+    return e4m3_round(block_amax / qmax / tensor_scale)
+
+
 def _nv_scales(w: torch.Tensor, block: int, qmax: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """NVFP4-style two-level scales: (per-tensor fp32 scale, E4M3 block scales, effective fp32 block scales)."""
-    amax = w.abs().amax()
-    tensor_scale = amax / (E4M3_MAX * qmax) if amax > 0 else torch.ones((), device=w.device)
-    block_amax = _as_blocks(w, block).abs().amax(dim=-1)
-    # amax_blk <= amax_tensor, so the ratio is <= 448 and the E4M3 cast only rounds (it can underflow to 0 for
-    # blocks far below the tensor's maximum; those blocks then quantize to zero instead of dividing by zero).
-    block_scale = e4m3_round(block_amax / qmax / tensor_scale)
+    tensor_scale = nv_tensor_scale(w, qmax)
+    block_scale = nv_block_scale(_as_blocks(w, block).abs().amax(dim=-1), qmax, tensor_scale)
     effective = block_scale.to(torch.float32) * tensor_scale
     return tensor_scale.reshape(1).to(torch.float32), block_scale, effective
 

@@ -80,10 +80,6 @@ def load_calibration_prompts() -> list[str]:
 # Column quantizers: one scale-block rule per storage format
 
 
-def _safe(scale: torch.Tensor) -> torch.Tensor:
-    return torch.where(scale > 0, scale, torch.ones_like(scale))
-
-
 class ColumnQuantizer:
     """Quantizes one input column at a time with the scales of its block (see the module docstring).
 
@@ -126,8 +122,8 @@ class Int8Columns(ColumnQuantizer):
         self.codes = torch.zeros(self.shape, dtype=torch.int8, device=device)
 
     def _set_block(self, index, current):
-        self.scale = formats.int8_searched_scale(current) if self.search_range else current.abs().amax(dim=1) / 127.0
-        self._divisor = _safe(self.scale)
+        self.scale = formats.int8_scale(current, self.search_range)
+        self._divisor = formats.safe_divisor(self.scale)
 
     def quantize_column(self, column, w):
         q = torch.round(w / self._divisor).clamp(-127, 127)
@@ -146,8 +142,8 @@ class Fp8Columns(ColumnQuantizer):
         self.codes = torch.zeros(self.shape, dtype=torch.float8_e4m3fn, device=device)
 
     def _set_block(self, index, current):
-        self.scale = current.abs().amax(dim=1) / formats.E4M3_MAX
-        self._divisor = _safe(self.scale)
+        self.scale = formats.fp8_scale(current)
+        self._divisor = formats.safe_divisor(self.scale)
 
     def quantize_column(self, column, w):
         q = formats.e4m3_round(w / self._divisor)
@@ -210,18 +206,17 @@ class NvColumns(_BlockScaledColumns):
         super().__init__(weight.shape[0], weight.shape[1], block, weight.device)
         self.fmt = fmt
         self.qmax = formats.E2M1_MAX if fmt == "nvfp4" else formats.NVINT4_MAX
-        amax = weight.abs().amax()
-        self.tensor_scale = amax / (formats.E4M3_MAX * self.qmax) if amax > 0 else torch.ones((), device=weight.device)
+        self.tensor_scale = formats.nv_tensor_scale(weight, self.qmax)
         self.block_scale = torch.zeros(self.effective.shape, dtype=torch.float8_e4m3fn, device=weight.device)
 
     def _set_block(self, index, current):
-        scale = formats.e4m3_round(current.abs().amax(dim=1) / self.qmax / self.tensor_scale)
+        scale = formats.nv_block_scale(current.abs().amax(dim=1), self.qmax, self.tensor_scale)
         self.block_scale[:, index] = scale
         self.effective[:, index] = scale.to(torch.float32) * self.tensor_scale
 
     def quantize_column(self, column, w):
         s = self._scale(column)
-        scaled = torch.where(s > 0, w / _safe(s), torch.zeros_like(w))
+        scaled = torch.where(s > 0, w / formats.safe_divisor(s), torch.zeros_like(w))
         if self.fmt == "nvfp4":
             codes = formats.e2m1_encode(scaled)
             self.codes[:, column] = codes

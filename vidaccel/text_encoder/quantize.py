@@ -348,15 +348,13 @@ def quantize_text_encoder(
     # (full name, parent, child name, child, reason to skip or None), and the distinct eligible layers in order.
     plan = []
     targets: dict[int, nn.Linear] = {}
+    eligible_slots: dict[int, list[tuple[nn.Module, str]]] = {}
     for parent_name, parent, child_name, child in slots:
         full_name = f"{parent_name}.{child_name}" if parent_name else child_name
         reason = config.skip_reason(full_name) or _ineligible_reason(parent, child)
         plan.append((full_name, parent, child_name, child, reason))
         if reason is None:
             targets.setdefault(id(child), child)
-    eligible_slots: dict[int, list[tuple[nn.Module, str]]] = {}
-    for _, parent, child_name, child, reason in plan:
-        if reason is None:
             eligible_slots.setdefault(id(child), []).append((parent, child_name))
 
     def quantize_layer(child: nn.Linear, hessian: torch.Tensor | None = None) -> None:
@@ -394,12 +392,13 @@ def quantize_text_encoder(
         try:
             stats = calibrate_sequentially(module, layers, calibration_batches, quantize_layer)
         except BaseException:
-            if config.keep_originals_on_cpu:  # put back what was swapped so far: no half-quantized encoder
-                for key, child in targets.items():
-                    if key in built:
-                        child.to(devices[key])
-                        for parent, child_name in eligible_slots[key]:
-                            parent._modules[child_name] = child
+            # Put back what was swapped so far, whatever keep_originals_on_cpu says: the originals are still
+            # referenced here, and a half-quantized encoder must never be left behind.
+            for key, child in targets.items():
+                if key in built:
+                    child.to(devices[key])
+                    for parent, child_name in eligible_slots[key]:
+                        parent._modules[child_name] = child
             raise
 
     shared: dict[int, nn.Linear] = {}
