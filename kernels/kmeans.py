@@ -19,7 +19,9 @@ Update. Means of the clusters; an empty cluster keeps its previous centroid. Thr
 Driver. ``batched_kmeans`` initialises with distinct random tokens picked by a ``torch.Generator`` seeded with
 ``seed`` (deterministic on a given device), or warm-starts from given centroids. The returned centroids are the
 means of the returned labels' clusters (labels from the last assignment), so they describe exactly the clusters
-that the permutation will make contiguous. ``stop_when_stable`` compares the labels of consecutive iterations
+that the permutation will make contiguous. With the sorted update the result also carries the sort order and
+cluster offsets it used (exactly SVG2's cluster permutation of the final labels), so SVG2 does not sort again.
+``stop_when_stable`` compares the labels of consecutive iterations
 on the host every few iterations (meant for the first, cold call); without it the loop never synchronises.
 
 Backends. ``backend="auto"`` runs the Triton kernel on CUDA tensors and on CPU tensors under
@@ -63,6 +65,10 @@ class KMeansResult:
     centroids: torch.Tensor  # (B, H, C, D) float32, mean of each cluster (previous centroid if empty)
     sizes: torch.Tensor  # (B, H, C) int32, tokens per cluster
     iterations: int  # iterations actually run
+    # When the sorted update ran: the stable sort of `labels` per (batch, head) that it walked (int64 (B, H, N),
+    # as cluster_permute.cluster_permutation's order) and the cluster offsets (int32 (B, H, C + 1)); else None.
+    order: Optional[torch.Tensor] = None
+    offsets: Optional[torch.Tensor] = None
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -292,8 +298,8 @@ def kmeans_update(x: torch.Tensor, labels: torch.Tensor, num_clusters: int, prev
                         f"{labels.device}")
     if method not in _UPDATE_METHODS:
         raise ValueError(f"kmeans_update: method must be one of {_UPDATE_METHODS}, got {method!r}")
-    if method == "sorted" and (x.is_cuda or (_INTERPRETED and x.device.type == "cpu")):
-        return _update_sorted(x, labels, C, previous_centroids)
+    if _sorted_update_runs(method, x):
+        return _update_sorted(x, labels, C, previous_centroids)[:2]
 
     sums = torch.zeros((B * H * C, D), dtype=torch.float32, device=x.device)
     counts = torch.zeros((B * H * C,), dtype=torch.int32, device=x.device)
@@ -320,7 +326,12 @@ def kmeans_update(x: torch.Tensor, labels: torch.Tensor, num_clusters: int, prev
     return centroids, sizes
 
 
+def _sorted_update_runs(method: str, x: torch.Tensor) -> bool:
+    return method == "sorted" and (x.is_cuda or (_INTERPRETED and x.device.type == "cpu"))
+
+
 def _update_sorted(x, labels, C, previous_centroids, block_rows: int = 64):
+    """Centroids, sizes, and the stable sort order and cluster offsets of ``labels`` that the sums walk."""
     B, H, N, D = x.shape
     sorted_labels, order = torch.sort(labels, dim=-1, stable=True)
     boundaries = torch.arange(C + 1, device=x.device, dtype=labels.dtype).expand(B, H, C + 1).contiguous()
@@ -332,7 +343,7 @@ def _update_sorted(x, labels, C, previous_centroids, block_rows: int = 64):
     sizes = torch.empty((B, H, C), dtype=torch.int32, device=x.device)
     _segment_mean_kernel[(C, B * H)](x, order, offsets, previous, centroids, sizes, *x.stride(), H, N, C, D,
                                      BLOCK_T=block_rows, BLOCK_D=triton.next_power_of_2(D), num_warps=4)
-    return centroids, sizes
+    return centroids, sizes, order, offsets
 
 
 def kmeans_inertia(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
@@ -378,13 +389,18 @@ def batched_kmeans(x: torch.Tensor, num_clusters: int, *, iterations: int,
 
     previous_labels = None
     ran = 0
-    labels = sizes = None
+    labels = sizes = order = offsets = None
+    sorted_update = _sorted_update_runs(update_method, x)
     for _ in range(iterations):
         labels = kmeans_assign(x, centroids, backend=backend)
-        centroids, sizes = kmeans_update(x, labels, C, centroids, method=update_method)
+        if sorted_update:
+            centroids, sizes, order, offsets = _update_sorted(x, labels, C, centroids)
+        else:
+            centroids, sizes = kmeans_update(x, labels, C, centroids, method=update_method)
         ran += 1
         if stop_when_stable and previous_labels is not None and ran % STABILITY_CHECK_EVERY == 0 \
                 and torch.equal(labels, previous_labels):  # host sync, only every few cold iterations
             break
         previous_labels = labels
-    return KMeansResult(labels=labels, centroids=centroids, sizes=sizes, iterations=ran)
+    return KMeansResult(labels=labels, centroids=centroids, sizes=sizes, iterations=ran, order=order,
+                        offsets=offsets)

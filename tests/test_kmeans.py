@@ -163,6 +163,20 @@ def test_kmeans_triton_and_torch_backends_agree():
         torch.testing.assert_close(a.centroids, other.centroids)
 
 
+def test_sorted_update_hands_over_the_cluster_permutation():
+    from vidaccel.kernels.cluster_permute import cluster_permutation
+
+    x = _blobs(2, 2, 90, 16, 5, seed=12)
+    result = batched_kmeans(x, 7, iterations=2, seed=4, backend="triton", update_method="sorted")
+    expected = cluster_permutation(result.labels, 7)
+    assert torch.equal(result.order, expected.order)
+    assert torch.equal(result.offsets, expected.offsets)
+    assert torch.equal((result.offsets[..., 1:] - result.offsets[..., :-1]).to(result.sizes.dtype), result.sizes)
+    # Other updates leave the sort to the caller.
+    plain = batched_kmeans(x, 7, iterations=2, seed=4, backend="triton")
+    assert plain.order is None and plain.offsets is None
+
+
 def test_warm_start_continues_and_improves():
     x = _blobs(2, 2, 200, 16, 10, seed=9, spread=1.0)
     cold = batched_kmeans(x, 8, iterations=2, seed=3, backend="torch")

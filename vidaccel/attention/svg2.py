@@ -55,6 +55,17 @@ class SVG2Step:
     key_iterations: int
 
 
+def _permutation(result, num_clusters: int):
+    """The clusters of a k-means result made contiguous: the sorted centroid update has already sorted the final
+    labels, so reuse its order and offsets (one sort less per clustering); otherwise sort them here."""
+    from ..kernels.cluster_permute import ClusterPermutation, cluster_permutation
+
+    if result.order is None:
+        return cluster_permutation(result.labels, num_clusters)
+    return ClusterPermutation(order=result.order, offsets=result.offsets,
+                              sizes=result.offsets[..., 1:] - result.offsets[..., :-1])
+
+
 class SVG2AttentionMethod(SparseAttentionMethod):
     def __init__(self, config: "SVG2Attention"):
         super().__init__(config.dense_warmup, config.dense_layers)
@@ -87,7 +98,7 @@ class SVG2AttentionMethod(SparseAttentionMethod):
 
     def sparse_step(self, q, k, v, state_key=("", 0, "default"), need_lse=False) -> SVG2Step:
         """q, k, v (B, N, H, D) video tokens -> SVG2Step; updates the k-means state stored under `state_key`."""
-        from ..kernels.cluster_permute import cluster_permutation, permute_qkv, unpermute_tokens
+        from ..kernels.cluster_permute import permute_qkv, unpermute_tokens
         from ..kernels.kmeans import batched_kmeans
 
         if q.shape != k.shape or q.shape != v.shape:
@@ -119,8 +130,8 @@ class SVG2AttentionMethod(SparseAttentionMethod):
         else:
             self.cold_starts += 1
 
-        q_perm = cluster_permutation(q_km.labels, num_q)
-        k_perm = cluster_permutation(k_km.labels, num_k)
+        q_perm = _permutation(q_km, num_q)
+        k_perm = _permutation(k_km, num_k)
         selected = select_key_clusters(q_km.centroids, k_km.centroids, k_perm.sizes, top_p=self.config.top_p,
                                        min_kept_fraction=self.config.min_kept_fraction)
         qp, kp, vp = permute_qkv(q, k, v, q_perm.order, k_perm.order, backend=backend)
