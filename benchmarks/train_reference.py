@@ -167,6 +167,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--caption-dropout", type=float, default=0.1)
     parser.add_argument(
+        "--transformer-object-weight",
+        type=float,
+        default=0.0,
+        help="extra flow-matching weight on the latent positions the object covers (its coverage pooled to the"
+        " latent grid): the object is a few percent of the tokens, so a uniform loss barely asks for its colour",
+    )
+    parser.add_argument(
         "--train-flow-shift",
         type=float,
         default=None,
@@ -654,32 +661,43 @@ class LatentPool:
                 if {k: stored.get(k) for k in meta} != meta:
                     raise ValueError(f"{cache} holds another pool ({stored}); expected {meta}: delete it or pass another")
                 self.latents = handle.get_tensor("latents").to(device=device, dtype=storage)
+                if "coverage" not in handle.keys():
+                    raise ValueError(f"{cache} was written before pools kept the object coverage: delete it")
+                self.coverage = handle.get_tensor("coverage").to(device=device, dtype=storage)
             self._index_captions(bank, json.loads(stored["captions"]), device)
             return
         mean, std = latent_normaliser(vae, device)
         self.latents = torch.empty((clips, *sizes.latent_shape), dtype=storage, device=device)
+        latent_frames, latent_height, latent_width = sizes.latent_shape[1:]
+        self.coverage = torch.empty((clips, latent_frames, latent_height, latent_width), dtype=storage, device=device)
         captions: list[str] = []
         for start in range(0, clips, batch):
             count = min(batch, clips - start)
             batch_seed = step_seed(seed, "transformer", 10_000_000 + start)
             scenes = data.sample_scenes(count, batch_seed)
             with torch.no_grad():
-                rendered = data.render_clips(
+                rendered, coverage = data.render_clips(
                     scenes,
                     seed=batch_seed,
                     num_frames=sizes.num_frames,
                     height=sizes.height,
                     width=sizes.width,
                     device=device,
+                    return_coverage=True,
                 )
                 with autocast(device):
                     latents = vae.encode(rendered).latent_dist.mode().float()
             self.latents[start : start + count] = ((latents - mean) / std).to(storage)
+            self.coverage[start : start + count] = latent_coverage(coverage, self.coverage.shape[1:]).to(storage)
             captions += [scene.caption for scene in scenes]
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
             partial = cache.with_suffix(".partial")
-            save_file({"latents": self.latents.cpu()}, str(partial), metadata={**meta, "captions": json.dumps(captions)})
+            save_file(
+                {"latents": self.latents.cpu(), "coverage": self.coverage.cpu()},
+                str(partial),
+                metadata={**meta, "captions": json.dumps(captions)},
+            )
             partial.replace(cache)  # whole file or none: another process may be waiting for it
         self._index_captions(bank, captions, device)
 
@@ -692,10 +710,29 @@ class LatentPool:
     def __len__(self) -> int:
         return self.latents.shape[0]
 
-    def batch(self, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Latents (size, C, F, H, W), caption embeddings and the object coverage (size, F, H, W) of random clips."""
         picks = torch.randint(len(self), (size,), generator=torch.Generator().manual_seed(seed))
         picks = picks.to(self.latents.device)
-        return self.latents[picks].float(), self.embeddings[self.caption_index[picks]]
+        return self.latents[picks].float(), self.embeddings[self.caption_index[picks]], self.coverage[picks].float()
+
+
+def latent_coverage(coverage: torch.Tensor, latent_grid: tuple[int, int, int]) -> torch.Tensor:
+    """Pixel coverage (B, frames, H, W) -> the fraction of each latent cell the object covers (B, F', H', W').
+
+    The causal VAE encodes the first frame alone and every later group of frames together, so latent frame t > 0
+    spans `stride` pixel frames; a cell counts the most the object covers it in any of them (a moving object
+    crosses cells within a group). Spatially, the mean over the cell's pixels.
+    """
+    frames, height, width = coverage.shape[1:]
+    latent_frames, latent_height, latent_width = latent_grid
+    stride = (frames - 1) // max(latent_frames - 1, 1)
+    if 1 + stride * (latent_frames - 1) != frames or height % latent_height or width % latent_width:
+        raise ValueError(f"coverage {tuple(coverage.shape)} does not map onto the latent grid {latent_grid}")
+    spatial = F.avg_pool2d(coverage.float(), (height // latent_height, width // latent_width))  # over (H, W)
+    first = spatial[:, :1]
+    rest = spatial[:, 1:].reshape(spatial.shape[0], latent_frames - 1, stride, latent_height, latent_width)
+    return torch.cat([first, rest.amax(dim=2)], dim=1)
 
 
 def train_transformer(
@@ -759,7 +796,7 @@ def train_transformer(
         planned = planner.resolve(step)
         if (planned is not None and step >= planned) or planner.out_of_time() or time.perf_counter() > deadline:
             break
-        x0, embeddings = pool.batch(args.transformer_batch, step_seed(args.seed, "transformer", step))
+        x0, embeddings, coverage = pool.batch(args.transformer_batch, step_seed(args.seed, "transformer", step))
         generator = torch.Generator(device=device).manual_seed(step_seed(args.seed, "transformer", step) + 1)
         batch = x0.shape[0]
         noise = torch.randn(x0.shape, generator=generator, device=device)
@@ -785,7 +822,12 @@ def train_transformer(
                     prediction = forward(**inputs)[0]
             else:
                 prediction = forward(**inputs)[0]
-        loss = F.mse_loss(prediction.float(), target)
+        if args.transformer_object_weight:
+            # Weighted mean of the squared error, normalised by the weights so the loss keeps its scale.
+            weight = (1.0 + args.transformer_object_weight * coverage).unsqueeze(1)  # broadcast over channels
+            loss = ((prediction.float() - target).square() * weight).mean() / weight.mean()
+        else:
+            loss = F.mse_loss(prediction.float(), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -835,6 +877,7 @@ def train_transformer(
             "batch": args.transformer_batch,
             "lr": args.transformer_lr,
             "caption_dropout": args.caption_dropout,
+            "object_weight": args.transformer_object_weight,
             "ema_decay": args.ema_decay,
             "flow_shift": FLOW_SHIFT,
             "train_flow_shift": train_shift,

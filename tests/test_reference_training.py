@@ -220,3 +220,30 @@ def test_object_weighted_vae_stage_runs(train, tmp_path):
     )
     stage = json.loads((tmp_path / "logs" / "training_log.json").read_text())["stages"]["vae"]
     assert stage["object_weight"] == 8.0 and stage["crop_mode"] == "object" and stage["steps_done"] == 2
+
+
+def test_latent_coverage_follows_the_causal_frame_groups(train):
+    coverage = torch.zeros(1, 9, 16, 16)  # 9 frames -> latent frames {0}, {1-4}, {5-8}; 8x8 pixels per cell
+    coverage[0, 0, :8, :8] = 1.0  # frame 0, top-left cell fully covered
+    coverage[0, 2, 8:, 8:12] = 1.0  # frame 2 only, half of the bottom-right cell
+    latent = train.latent_coverage(coverage, (3, 2, 2))
+    expected = torch.zeros(1, 3, 2, 2)
+    expected[0, 0, 0, 0] = 1.0
+    expected[0, 1, 1, 1] = 0.5  # the most any frame of the group covers it
+    assert torch.equal(latent, expected)
+    with pytest.raises(ValueError, match="latent grid"):
+        train.latent_coverage(coverage, (4, 2, 2))
+
+
+def test_object_weighted_transformer_stage_runs_and_caches_the_coverage(train, tmp_path):
+    pool = tmp_path / "pool.safetensors"
+    args = _smoke_args(tmp_path, "--stage", "all", "--vae-steps", "1", "--transformer-steps", "2",
+                       "--transformer-object-weight", "5", "--pool-cache", str(pool))
+    train.main(args)
+    stage = json.loads((tmp_path / "logs" / "training_log.json").read_text())["stages"]["transformer"]
+    assert stage["object_weight"] == 5.0 and stage["steps_done"] == 2
+    assert all(row["loss"] == row["loss"] for row in stage["curve"])  # finite, not NaN
+    stored = load_file(str(pool))
+    assert stored["coverage"].shape[0] == stored["latents"].shape[0]
+    assert stored["coverage"].shape[1:] == stored["latents"].shape[2:]
+    assert 0 < float(stored["coverage"].max()) <= 1  # the object is in view somewhere
