@@ -4,7 +4,8 @@
 # Usage (after the set-up lines of benchmarks/PENDING_GPU_RUNS.md):
 #   bash benchmarks/reference_training/parallel_runs.sh SECONDS "name:extra args" ["name:extra args" ...]
 # Each variant starts from $INIT_<name> if set, else $INIT, else assets/reference ("none": from scratch).
-# SKIP_VAE=1 trains no decoder. ACCEPTANCE_EXTRA: arguments for every acceptance (e.g. --clip-size 17,128,128);
+# SKIP_VAE=1 trains no decoder; VAE_EXTRA: more arguments for the decoder run (e.g. "--vae-crop-mode object
+# --vae-object-weight 3"). ACCEPTANCE_EXTRA: arguments for every acceptance (e.g. --clip-size 17,128,128);
 # FULL_ACCEPTANCE=1 adds a default-size acceptance (log/acceptance_full.json).
 # Results: $OUT/logs.tar, $OUT/<name>_transformer.tar per variant, $OUT/vae.tar (each under the 16 MiB limit).
 set -u
@@ -17,7 +18,7 @@ if [ -z "${SKIP_VAE:-}" ]; then
   mkdir -p /tmp/runs/vae && rm -rf /tmp/runs/vae/assets && cp -r "$init" /tmp/runs/vae/assets
   python3 $train --stage vae --init-from "$init" --vae-train decoder --vae-seconds "${VAE_SECONDS:-190}" \
     --vae-steps 100000 --vae-lr 3e-4 --log-every 50 --checkpoint-every 0 --assets-dir /tmp/runs/vae/assets \
-    --log-dir /tmp/runs/vae/log --checkpoint-dir /tmp/runs/vae/ckpt > /tmp/runs/vae/train.log 2>&1 &
+    --log-dir /tmp/runs/vae/log --checkpoint-dir /tmp/runs/vae/ckpt ${VAE_EXTRA:-} > /tmp/runs/vae/train.log 2>&1 &
 fi
 if [ -n "${POOL_CACHE:-}" ]; then  # encode the pool once, with the first variant's clip size and batch
   first=${1#*:}; mkdir -p /tmp/runs/pool && rm -rf /tmp/runs/pool/assets && cp -r "$init" /tmp/runs/pool/assets
