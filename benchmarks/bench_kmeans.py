@@ -18,6 +18,7 @@ fraction of dense attention; the SVG2 target is <= 15%. Inputs are synthetic clu
 head plus noise): timings of assignment, update and permutation do not depend on the values.
 
     PYTHONPATH=$PWD python benchmarks/bench_kmeans.py --out benchmarks/results/kmeans.json     # H100, ~1-2 min
+    ... --shapes wan1.3b_480p_81f --profile   # plus a per-kernel table of SVG2's overhead path
     python benchmarks/bench_kmeans.py --smoke --out /tmp/kmeans_smoke.json                    # CPU, seconds
 
 Runs from a bare checkout (no install): the kernels are loaded from the repository folder if vidaccel is missing.
@@ -131,6 +132,24 @@ def selection_estimate(q_centroids, k_centroids, k_sizes, top_p=0.9, min_fractio
     selected = torch.zeros_like(keep_sorted)
     selected.scatter_(-1, idx, keep_sorted)
     return selected
+
+
+def profile_kernels(fn, table_path: Path, runs: int = 5) -> list[dict]:
+    """GPU time of every kernel that `fn` launches (torch.profiler), per run of fn, largest first; the full
+    profiler table goes to `table_path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(runs):
+            fn()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    table_path.write_text(events.table(sort_by="self_device_time_total", row_limit=40))
+    rows = [{"name": e.key, "us_per_run": e.self_device_time_total / runs, "calls_per_run": e.count / runs}
+            for e in events if e.self_device_time_total > 0]
+    return sorted(rows, key=lambda r: -r["us_per_run"])
 
 
 def run_shape(name, shape, args, km, cp, on_gpu, device, dtype, log):
@@ -322,6 +341,11 @@ def run_shape(name, shape, args, km, cp, on_gpu, device, dtype, log):
 
         t["svg2_overhead_path"] = time_ms(go, on_gpu=on_gpu)
         log(f"[{name}] SVG2 overhead path (measured as one block): {t['svg2_overhead_path']:.3f} ms")
+        if args.profile and on_gpu:
+            rec["svg2_overhead_path_kernels"] = profile_kernels(go, Path(args.out).with_name(
+                f"{Path(args.out).stem}_{name}_profile.txt"))
+            log(f"[{name}] profiled: " + ", ".join(f"{r['name'][:40]} {r['us_per_run']:.0f} us"
+                                                  for r in rec["svg2_overhead_path_kernels"][:8]))
     section("svg2_path", svg2_path)
 
     def dense():
@@ -373,6 +397,8 @@ def main():
     parser.add_argument("--ck", type=int, default=1000, help="key clusters per head")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--verbose", action="store_true", help="print tracebacks of failed sections")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile SVG2's overhead path kernel by kernel (table beside --out)")
     args = parser.parse_args()
 
     on_gpu = torch.cuda.is_available() and not args.smoke
