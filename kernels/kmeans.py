@@ -21,8 +21,8 @@ Driver. ``batched_kmeans`` initialises with distinct random tokens picked by a `
 means of the returned labels' clusters (labels from the last assignment), so they describe exactly the clusters
 that the permutation will make contiguous. With the sorted update the result also carries the sort order and
 cluster offsets it used (exactly SVG2's cluster permutation of the final labels), so SVG2 does not sort again.
-``stop_when_stable`` compares the labels of consecutive iterations
-on the host every few iterations (meant for the first, cold call); without it the loop never synchronises.
+``stop_when_stable`` compares the labels of consecutive iterations on the host every few iterations (meant for
+the first, cold call); without it the loop never synchronises.
 
 Backends. ``backend="auto"`` runs the Triton kernel on CUDA tensors and on CPU tensors under
 ``TRITON_INTERPRET=1`` (set before this module is imported), and the PyTorch reference on plain CPU.
