@@ -62,8 +62,7 @@ def _permutation(result, num_clusters: int):
 
     if result.order is None:
         return cluster_permutation(result.labels, num_clusters)
-    return ClusterPermutation(order=result.order, offsets=result.offsets,
-                              sizes=result.offsets[..., 1:] - result.offsets[..., :-1])
+    return ClusterPermutation(order=result.order, offsets=result.offsets, sizes=result.sizes)
 
 
 class SVG2AttentionMethod(SparseAttentionMethod):
