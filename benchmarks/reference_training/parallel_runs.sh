@@ -20,6 +20,8 @@ if [ -z "${SKIP_VAE:-}" ]; then
     --vae-steps 100000 --vae-lr 3e-4 --log-every 50 --checkpoint-every 0 --assets-dir /tmp/runs/vae/assets \
     --log-dir /tmp/runs/vae/log --checkpoint-dir /tmp/runs/vae/ckpt ${VAE_EXTRA:-} > /tmp/runs/vae/train.log 2>&1 &
 fi
+# A pool cache is keyed by clip size and batch: every variant sharing POOL_CACHE must pass the same
+# --clip-size and --transformer-batch as the first one, or it refuses the pool and does not train.
 if [ -n "${POOL_CACHE:-}" ]; then  # encode the pool once, with the first variant's clip size and batch
   first=${1#*:}; mkdir -p /tmp/runs/pool && rm -rf /tmp/runs/pool/assets && cp -r "$init" /tmp/runs/pool/assets
   # shellcheck disable=SC2086
