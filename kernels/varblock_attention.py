@@ -18,9 +18,11 @@ work. Padding rows are the main cost of this choice (about 19% extra work for Cq
 
 Key side. Adjacent selected key clusters (empty clusters between them do not break adjacency) are merged into
 one contiguous token run. ``key_mode="packed"`` (default) concatenates a query cluster's runs into one virtual
-key sequence and walks it in full ``BLOCK_N`` tiles, gathering each tile's rows (a vectorised binary search over
-the run start positions maps a packed position to its token): only the last tile of the whole key set is
-partial, however small and scattered the clusters are. ``key_mode="ranges"`` walks each run with contiguous
+key sequence and walks it in full ``BLOCK_N`` tiles, gathering each tile's rows: only the last tile of the whole
+key set is partial, however small and scattered the clusters are. A tile maps its packed positions to tokens by
+comparing them with the next ``KEY_WINDOW`` run starts after the run where the previous tile ended (one vector
+load); a tile that crosses more run starts than that falls back to a binary search over all of them. (A search
+for every tile cost 75% over contiguous tiles at full density on an H100: ten dependent loads per tile.) ``key_mode="ranges"`` walks each run with contiguous
 tiles and a masked tail per run: no search, but every run pays a partial tile (useful when runs are long).
 FlashAttention-2 online softmax as in ``block_sparse_attention`` (exp2, fp32 accumulation, same step function);
 LSE is natural-log fp32 (B, H, Nq), the convention of ``block_sparse_attention.merge_attention_partials``.
@@ -65,20 +67,35 @@ _INT32_MAX = 2**31 - 1
 # Triton kernel
 # ------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _packed_to_tokens(cum_row, start_row, pos, num_k_clusters, LOG_R: tl.constexpr):
-    """Token index of each packed key position. ``cum_row[r]`` is where run ``r`` begins in the packed sequence
+def _packed_tile_tokens(cum_row, start_row, pos, r0, num_k_clusters, LOG_R: tl.constexpr, WINDOW: tl.constexpr):
+    """Token index of each packed position of one key tile, and the run of its last position.
+
+    ``r0`` is the run holding the tile's first position (the previous tile's last run), so the tile's runs are
+    ``r0 ... r0 + WINDOW`` unless it crosses more than ``WINDOW`` run starts: one vector load of the next
+    ``WINDOW`` run starts and a compare-and-count replace the binary search's ``LOG_R`` dependent loads. A tile
+    of many tiny runs (run starts past the window inside the tile) falls back to the search."""
+    idx = r0 + 1 + tl.arange(0, WINDOW)
+    starts = tl.load(cum_row + idx, mask=idx <= num_k_clusters, other=2147483647)
+    if tl.max(starts, axis=0) > tl.max(pos, axis=0):
+        r = r0 + tl.sum((starts[None, :] <= pos[:, None]).to(tl.int32), axis=1)
+    else:
+        r = _packed_run(cum_row, pos, num_k_clusters, LOG_R)
+    tok = tl.load(start_row + r) + (pos - tl.load(cum_row + r))
+    return tok, tl.max(r, axis=0)
+
+
+@triton.jit
+def _packed_run(cum_row, pos, num_k_clusters, LOG_R: tl.constexpr):
+    """Run of each packed position: ``cum_row[r]`` is where run ``r`` begins in the packed sequence
     (nondecreasing, ``cum_row[0] == 0``, entries past the last run equal the total); a branch-free binary search
     finds the largest ``r`` with ``cum_row[r] <= pos``. Positions must be < the total; ``2**LOG_R`` must exceed
     the number of runs."""
     r = tl.zeros_like(pos)
-    base = tl.zeros_like(pos)  # cum_row[r]
     for step in tl.static_range(LOG_R):
         cand = r + (1 << (LOG_R - 1 - step))
         c = tl.load(cum_row + cand, mask=cand <= num_k_clusters, other=2147483647)
-        take = c <= pos
-        r = tl.where(take, cand, r)
-        base = tl.where(take, c, base)
-    return tl.load(start_row + r) + (pos - base)
+        r = tl.where(c <= pos, cand, r)
+    return r
 
 
 @triton.jit
@@ -92,7 +109,7 @@ def _varblock_attn_fwd(
     heads, q_len, num_q_clusters, num_k_clusters, num_tiles, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, LOG_R: tl.constexpr, KEY_MODE: tl.constexpr,
     STORE_LSE: tl.constexpr, IEEE_DOT: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, KEY_WINDOW: tl.constexpr,
 ):
     slot = tl.program_id(0)
     bh = tl.program_id(1)
@@ -128,16 +145,21 @@ def _varblock_attn_fwd(
 
     if KEY_MODE == 0:
         # Packed: full tiles of the concatenated runs (rows gathered), then one masked tail.
+        # The token indices of tile t + 1 are looked up while tile t computes (carried in ``tok``), so the
+        # dependent index loads stay off the K/V loads' critical path. Positions past the end are clamped to the
+        # last key (only the tail tile has them, and it masks them).
         n_full = total // BLOCK_N
+        last = tl.maximum(total - 1, 0)
+        tok, run = _packed_tile_tokens(cum_row, start_row, tl.minimum(offs_n, last), 0, num_k_clusters, LOG_R,
+                                       KEY_WINDOW)
         for t in range(0, n_full):
-            tok = _packed_to_tokens(cum_row, start_row, t * BLOCK_N + offs_n, num_k_clusters, LOG_R)
             k = tl.load(k_base + tok[:, None] * stride_ks + offs_d[None, :] * stride_kd)
             v = tl.load(v_base + tok[:, None] * stride_vs + offs_d[None, :] * stride_vd)
+            tok, run = _packed_tile_tokens(cum_row, start_row, tl.minimum((t + 1) * BLOCK_N + offs_n, last), run,
+                                           num_k_clusters, LOG_R, KEY_WINDOW)
             acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, all_cols, False, IEEE_DOT)
         if n_full * BLOCK_N < total:
-            pos = n_full * BLOCK_N + offs_n
-            col_ok = pos < total
-            tok = _packed_to_tokens(cum_row, start_row, tl.minimum(pos, total - 1), num_k_clusters, LOG_R)
+            col_ok = n_full * BLOCK_N + offs_n < total
             k = tl.load(k_base + tok[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=col_ok[:, None],
                         other=0.0)
             v = tl.load(v_base + tok[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=col_ok[:, None],
@@ -186,6 +208,7 @@ class VarBlockConfig:
     num_warps: int = 8
     num_stages: int = 2
     maxnreg: Optional[int] = None  # register cap, e.g. to fit two CTAs per SM
+    key_window: int = 16  # run starts one packed key tile looks up at once before it falls back to a search
 
     def launch_options(self) -> dict:
         options = {"num_warps": self.num_warps, "num_stages": self.num_stages}
@@ -194,21 +217,22 @@ class VarBlockConfig:
         return options
 
     def as_triton(self) -> triton.Config:
-        return triton.Config({"BLOCK_N": self.block_n}, **self.launch_options())
+        return triton.Config({"BLOCK_N": self.block_n, "KEY_WINDOW": self.key_window}, **self.launch_options())
 
 
 # Tuned once per (head_dim, block_m, dtype class, key mode, search depth), never per token count. The 128x64
 # register-capped tile is the one that fits two CTAs per SM in block_sparse_attention (best on H100 there); the
-# index search adds registers (ptxas for sm_90: 170 uncapped, small spills at 128), so the uncapped tiles stay
-# candidates. A third stage gave the gathered loads no extra buffer when compiled for sm_90, so none is tried.
+# index lookup adds registers, so the uncapped tiles stay candidates, and a third stage (a deeper prefetch of the
+# gathered K/V rows) is tried beside them.
 _TUNING_CANDIDATES = {
-    128: [VarBlockConfig(64, 8, 2, 128), VarBlockConfig(64, 8, 2), VarBlockConfig(128, 8, 2)],
-    64: [VarBlockConfig(64, 4, 2), VarBlockConfig(128, 4, 2)],
+    128: [VarBlockConfig(64, 8, 2, 128), VarBlockConfig(64, 8, 2), VarBlockConfig(128, 8, 2),
+          VarBlockConfig(64, 8, 3)],
+    64: [VarBlockConfig(64, 4, 2), VarBlockConfig(128, 4, 2), VarBlockConfig(64, 4, 3)],
 }
 
 
 def _config_key(c: triton.Config) -> tuple:
-    return c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, getattr(c, "maxnreg", None)
+    return c.kwargs["BLOCK_N"], c.kwargs["KEY_WINDOW"], c.num_warps, c.num_stages, getattr(c, "maxnreg", None)
 
 
 def _prune_configs(configs, named_args, **kwargs):
@@ -231,7 +255,8 @@ def _default_block_m(q: torch.Tensor) -> int:
     return 128 if q.is_cuda else 16
 
 
-_INTERPRETER_CONFIG = VarBlockConfig(16, 4, 1)  # small tiles keep the interpreter fast
+# Small tiles keep the interpreter fast; a window below the tile width makes tests reach the search fallback too.
+_INTERPRETER_CONFIG = VarBlockConfig(16, 4, 1, key_window=4)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -438,7 +463,8 @@ def _forward(q, k, v, q_offsets, k_offsets, selected, sm_scale=None, return_lse=
         if cfg is None and not q.is_cuda:
             cfg = _INTERPRETER_CONFIG
         if cfg is not None:
-            _varblock_attn_fwd[grid](*args, **meta, BLOCK_N=cfg.block_n, **cfg.launch_options())
+            _varblock_attn_fwd[grid](*args, **meta, BLOCK_N=cfg.block_n, KEY_WINDOW=cfg.key_window,
+                                     **cfg.launch_options())
         else:
             _varblock_attn_fwd_tuned[grid](*args, **meta)
     return out, (lse if return_lse else None)

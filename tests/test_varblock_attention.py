@@ -117,6 +117,30 @@ def test_alternating_selection_has_the_most_runs(k_clusters):
     _check(out, ref, lse, ref_lse)
 
 
+@pytest.mark.parametrize("key_window", [1, 2, 16])
+def test_packed_run_window_and_its_search_fallback_agree(key_window):
+    """Packed key tiles look runs up in a window of run starts and fall back to a search when a tile crosses more
+    run starts than the window holds: tiny alternating runs force the fallback for small windows, a window as
+    wide as the 16-key tile never needs it."""
+    from vidaccel.kernels.varblock_attention import VarBlockConfig
+
+    gen = torch.Generator().manual_seed(31)
+    k_sizes = torch.randint(1, 3, (1, 2, 40), generator=gen)
+    k_sizes[0, 1] = k_sizes[0, 0]
+    k_sizes[0, 1, 5], k_sizes[0, 1, 6:16] = k_sizes[0, 1, 5:16].sum(), 0  # head 1: one long cluster, empty ones
+    kv_len = int(k_sizes[0, 0].sum())
+    q_off, k_off = _offsets_from_sizes([[[20, 13], [7, 26]]]), _offsets_from_sizes(k_sizes)
+    selected = torch.rand(1, 2, 2, 40, generator=gen) < 0.5
+    selected[..., 0, 0::2] = True
+    selected[..., 0, 1::2] = False
+    selected = selected.to(DEVICE)
+    q, k, v = _qkv(1, 2, 33, kv_len, 32, torch.float32, gen)
+    out, lse = _forward(q, k, v, q_off, k_off, selected, None, True, key_mode="packed", block_m=16,
+                        config=VarBlockConfig(16, 4, 1, key_window=key_window))
+    ref, ref_lse = varblock_sparse_attention_reference(q, k, v, q_off, k_off, selected, return_lse=True)
+    _check(out, ref, lse, ref_lse)
+
+
 @pytest.mark.parametrize("key_mode", ["packed", "ranges"])
 def test_remainder_tiles_cover_short_cluster_tails(key_mode):
     """32-row tiles plus a second launch of 16-row tiles for tails of at most 16 rows."""
@@ -255,7 +279,7 @@ from vidaccel.kernels import varblock_attention as vba
 
 fn = vba._varblock_attn_fwd
 int_tables = ("Q_OFF", "TILE_CLUSTER", "TILE_ROW", "RANGE_START", "RANGE_CUM", "KEY_COUNT", "NUM_RUNS")
-meta_names = ("HEAD_DIM", "BLOCK_M", "LOG_R", "KEY_MODE", "STORE_LSE", "IEEE_DOT", "BLOCK_N")
+meta_names = ("HEAD_DIM", "BLOCK_M", "LOG_R", "KEY_MODE", "STORE_LSE", "IEEE_DOT", "BLOCK_N", "KEY_WINDOW")
 signature = {}
 for name in fn.arg_names:
     if name in ("Q", "K", "V", "O"):
@@ -275,7 +299,7 @@ ptx = []
 # compile too, checked by hand; one compile keeps this file quick).
 for key_mode, block_m, block_n, warps, maxnreg in ((0, 128, 64, 8, 128),):
     constexprs = dict(HEAD_DIM=128, BLOCK_M=block_m, LOG_R=9, KEY_MODE=key_mode, STORE_LSE=True, IEEE_DOT=False,
-                      BLOCK_N=block_n)
+                      BLOCK_N=block_n, KEY_WINDOW=16)
     try:
         source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
     except TypeError as exc:
