@@ -222,12 +222,12 @@ class VarBlockConfig:
 
 # Tuned once per (head_dim, block_m, dtype class, key mode, search depth), never per token count. The 128x64
 # register-capped tile is the one that fits two CTAs per SM in block_sparse_attention (best on H100 there); the
-# index lookup adds registers, so the uncapped tiles stay candidates, and a third stage (a deeper prefetch of the
-# gathered K/V rows) is tried beside them.
+# index lookup adds registers, so the uncapped tiles stay candidates. Measured slower and so not tried (H100, Wan
+# 480p, 30%, kernel alone; capped 128x64: 7.29 ms): a third pipeline stage 8.22 ms, and a register double buffer
+# of the next tile's K/V rows (one CTA per SM) 10.7 ms.
 _TUNING_CANDIDATES = {
-    128: [VarBlockConfig(64, 8, 2, 128), VarBlockConfig(64, 8, 2), VarBlockConfig(128, 8, 2),
-          VarBlockConfig(64, 8, 3)],
-    64: [VarBlockConfig(64, 4, 2), VarBlockConfig(128, 4, 2), VarBlockConfig(64, 4, 3)],
+    128: [VarBlockConfig(64, 8, 2, 128), VarBlockConfig(64, 8, 2), VarBlockConfig(128, 8, 2)],
+    64: [VarBlockConfig(64, 4, 2), VarBlockConfig(128, 4, 2)],
 }
 
 
