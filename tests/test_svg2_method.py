@@ -161,6 +161,32 @@ def test_sparse_product_is_masked_attention_in_original_order():
     torch.testing.assert_close(step.lse, torch.logsumexp(scores, -1), atol=1e-5, rtol=1e-5)
 
 
+def test_injected_attention_kernel_sees_the_permuted_tokens():
+    """`attention_kernel` replaces only the sparse product (benchmarks time the rest with a stand-in): it gets the
+    permuted q, k, v, offsets and selection, and its output is un-permuted like the kernel's."""
+    layout = TokenLayout(3, 5, 6)
+    q, k, v, _ = direct_call(layout, seed=1)
+    config = vidaccel.SVG2Attention(top_p=0.6, **CLUSTERS)
+    seen = []
+
+    def reference(qp, kp, vp, q_offsets, k_offsets, selected, return_lse=False):
+        from vidaccel.kernels.varblock_attention import varblock_sparse_attention_reference
+
+        seen.append((qp.shape, q_offsets.shape, k_offsets.shape, selected.shape))
+        return varblock_sparse_attention_reference(qp, kp, vp, q_offsets, k_offsets, selected,
+                                                   return_lse=return_lse)
+
+    injected = config.build().sparse_step(q, k, v, need_lse=True, attention_kernel=reference)
+    default = config.build().sparse_step(q, k, v, need_lse=True)
+    N = layout.video_tokens
+    assert seen == [((2, 2, N, 32), (2, 2, 9), (2, 2, 17), (2, 2, 8, 16))]
+    torch.testing.assert_close(injected.out, default.out, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(injected.lse, default.lse, atol=1e-6, rtol=1e-6)
+    # a stand-in that returns the permuted queries gives back the original queries
+    stand_in = config.build().sparse_step(q, k, v, attention_kernel=lambda qp, *rest, **kw: qp)
+    assert torch.equal(stand_in.out, q)
+
+
 def test_batch_items_do_not_interact():
     layout = TokenLayout(2, 4, 6)
     q, k, v, _ = direct_call(layout, seed=2)

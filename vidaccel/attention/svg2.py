@@ -95,8 +95,13 @@ class SVG2AttentionMethod(SparseAttentionMethod):
         self._record_density(call.transformer_name, call.layer_index, step)
         return step.out, step.lse
 
-    def sparse_step(self, q, k, v, state_key=("", 0, "default"), need_lse=False) -> SVG2Step:
-        """q, k, v (B, N, H, D) video tokens -> SVG2Step; updates the k-means state stored under `state_key`."""
+    def sparse_step(self, q, k, v, state_key=("", 0, "default"), need_lse=False, *,
+                    attention_kernel=None) -> SVG2Step:
+        """q, k, v (B, N, H, D) video tokens -> SVG2Step; updates the k-means state stored under `state_key`.
+
+        ``attention_kernel`` replaces the sparse product of the permuted tokens (same signature as
+        ``varblock_sparse_attention``); None picks the variable-block kernel, or its reference off the GPU.
+        Benchmarks pass a stand-in to time everything else this step runs."""
         from ..kernels.cluster_permute import permute_qkv, unpermute_tokens
         from ..kernels.kmeans import batched_kmeans
 
@@ -134,7 +139,9 @@ class SVG2AttentionMethod(SparseAttentionMethod):
         selected = select_key_clusters(q_km.centroids, k_km.centroids, k_perm.sizes, top_p=self.config.top_p,
                                        min_kept_fraction=self.config.min_kept_fraction)
         qp, kp, vp = permute_qkv(q, k, v, q_perm.order, k_perm.order, backend=backend)
-        if kernels:
+        if attention_kernel is not None:
+            attention = attention_kernel
+        elif kernels:
             from ..kernels.varblock_attention import varblock_sparse_attention as attention
         else:
             from ..kernels.varblock_attention import varblock_sparse_attention_reference as attention
