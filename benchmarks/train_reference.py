@@ -165,6 +165,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="safetensors file for the encoded pool: loaded if present (same clip size and count), else written,"
         " so that variants trained side by side encode it once",
     )
+    parser.add_argument(
+        "--mix-clip-size",
+        default=None,
+        help="FRAMES,HEIGHT,WIDTH of a second pool the transformer also trains on (every --mix-every-th step):"
+        " cheap small clips teach colour and layout, full-size ones the object scale and positions of the"
+        " acceptance size, which a model trained at one size alone does not extrapolate to",
+    )
+    parser.add_argument("--mix-every", type=int, default=2, help="every N-th step draws from the second pool")
+    parser.add_argument("--mix-batch", type=int, default=None, help="batch of the second pool (default: the same)")
+    parser.add_argument("--mix-pool-clips", type=int, default=None, help="clips of the second pool (default: same)")
+    parser.add_argument("--mix-pool-cache", type=Path, default=None, help="--pool-cache for the second pool")
     parser.add_argument("--caption-dropout", type=float, default=0.1)
     parser.add_argument(
         "--transformer-object-weight",
@@ -745,15 +756,22 @@ def train_transformer(
     vae = vae.to(device).eval().requires_grad_(False)
     bank = CaptionBank(device, sizes.max_sequence_length, args.text_encoder_dir)
     empty = bank([""])[0]  # WanPipeline's default negative prompt, the unconditional branch of CFG
+    mix_sizes = None if args.mix_clip_size is None else clip_sizes(sizes, args.mix_clip_size)
+    mix_batch = args.mix_batch or args.transformer_batch
     began = time.perf_counter()
     pool_clips = args.pool_clips or {"shipped": 6144, "mini": 2048, "smoke": 8}[args.config]
     pool = LatentPool(vae, bank, sizes, pool_clips, args.transformer_batch, args.seed, device, args.pool_cache)
+    mix_pool = None
+    if mix_sizes is not None:  # another seed: the second pool holds other scenes
+        mix_pool = LatentPool(vae, bank, mix_sizes, args.mix_pool_clips or pool_clips, mix_batch, args.seed + 1,
+                              device, args.mix_pool_cache)
     if device.type == "cuda":
         torch.cuda.synchronize()
     pool_seconds = time.perf_counter() - began
     print(
         f"transformer: encoded a pool of {len(pool)} clips ({pool.embeddings.shape[0]} captions) "
-        f"in {pool_seconds:.0f} s",
+        + ("" if mix_pool is None else f"and {len(mix_pool)} at {args.mix_clip_size} (every {args.mix_every}th step) ")
+        + f"in {pool_seconds:.0f} s",
         flush=True,
     )
 
@@ -787,7 +805,9 @@ def train_transformer(
     train_shift = FLOW_SHIFT if args.train_flow_shift is None else args.train_flow_shift
     forward = transformer
     if args.compile and device.type == "cuda":
-        forward = torch.compile(transformer)  # same parameters; state_dict stays on `transformer`
+        # Same parameters; state_dict stays on `transformer`. Static shapes: a mixed second clip size gets its
+        # own graph instead of turning every graph dynamic.
+        forward = torch.compile(transformer, dynamic=False)
     # Sums stay on the device between log rows: a float() per step would synchronise the host every step.
     window: dict[str, torch.Tensor] = {}
     window_steps = 0
@@ -796,7 +816,10 @@ def train_transformer(
         planned = planner.resolve(step)
         if (planned is not None and step >= planned) or planner.out_of_time() or time.perf_counter() > deadline:
             break
-        x0, embeddings, coverage = pool.batch(args.transformer_batch, step_seed(args.seed, "transformer", step))
+        if mix_pool is not None and step % args.mix_every == args.mix_every - 1:
+            x0, embeddings, coverage = mix_pool.batch(mix_batch, step_seed(args.seed, "transformer", step))
+        else:
+            x0, embeddings, coverage = pool.batch(args.transformer_batch, step_seed(args.seed, "transformer", step))
         generator = torch.Generator(device=device).manual_seed(step_seed(args.seed, "transformer", step) + 1)
         batch = x0.shape[0]
         noise = torch.randn(x0.shape, generator=generator, device=device)
@@ -878,6 +901,8 @@ def train_transformer(
             "lr": args.transformer_lr,
             "caption_dropout": args.caption_dropout,
             "object_weight": args.transformer_object_weight,
+            "mix": None if mix_pool is None else {
+                "clip_size": args.mix_clip_size, "every": args.mix_every, "batch": mix_batch, "clips": len(mix_pool)},
             "ema_decay": args.ema_decay,
             "flow_shift": FLOW_SHIFT,
             "train_flow_shift": train_shift,
@@ -1148,14 +1173,26 @@ def export_text_encoder(target: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def clip_sizes(sizes: ReferenceSizes, text: str) -> ReferenceSizes:
+    """The config's sizes with the clip size "FRAMES,HEIGHT,WIDTH" (the architecture is unchanged)."""
+    try:
+        frames, height, width = (int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"a clip size is FRAMES,HEIGHT,WIDTH, e.g. 33,256,256; got {text!r}") from None
+    return dataclasses.replace(sizes, num_frames=frames, height=height, width=width)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     started = time.perf_counter()
     deadline = started + (args.deadline_seconds if args.deadline_seconds is not None else float("inf"))
     sizes = CONFIGS[args.config]
     if args.clip_size is not None:
-        frames, height, width = (int(v) for v in args.clip_size.split(","))
-        sizes = dataclasses.replace(sizes, num_frames=frames, height=height, width=width)
+        sizes = clip_sizes(sizes, args.clip_size)
+    if args.mix_clip_size is not None:  # refused before anything loads or trains
+        clip_sizes(sizes, args.mix_clip_size)
+        if args.mix_every < 2:
+            raise ValueError(f"--mix-every must be >= 2 (every N-th step uses the second pool), got {args.mix_every}")
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True

@@ -247,3 +247,34 @@ def test_object_weighted_transformer_stage_runs_and_caches_the_coverage(train, t
     assert stored["coverage"].shape[0] == stored["latents"].shape[0]
     assert stored["coverage"].shape[1:] == stored["latents"].shape[2:]
     assert 0 < float(stored["coverage"].max()) <= 1  # the object is in view somewhere
+
+
+def test_mixed_clip_sizes_alternate_pools(train, tmp_path, monkeypatch):
+    """--mix-clip-size trains every N-th step on a second pool of another clip size (and says so in the log)."""
+    shapes = []
+    original = train.LatentPool.batch
+
+    def recording(self, size, seed):
+        x0, embeddings, coverage = original(self, size, seed)
+        shapes.append(tuple(x0.shape))
+        return x0, embeddings, coverage
+
+    monkeypatch.setattr(train.LatentPool, "batch", recording)
+    train.main(_smoke_args(tmp_path, "--stage", "all", "--vae-steps", "1", "--transformer-steps", "6",
+                           "--transformer-object-weight", "5", "--mix-clip-size", "9,64,64", "--mix-every", "3",
+                           "--mix-batch", "1", "--mix-pool-clips", "3"))
+    small, large = (2, 4, 2, 4, 4), (1, 4, 3, 8, 8)  # (batch, latent channels, frames, height, width)
+    assert shapes == [small, small, large, small, small, large]
+    stage = json.loads((tmp_path / "logs" / "training_log.json").read_text())["stages"]["transformer"]
+    assert stage["mix"] == {"clip_size": "9,64,64", "every": 3, "batch": 1, "clips": 3}
+    assert stage["steps_done"] == 6 and all(row["loss"] == row["loss"] for row in stage["curve"])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--mix-clip-size", "10,64,64"), "4k \\+ 1"),
+    (("--mix-clip-size", "9,64"), "FRAMES,HEIGHT,WIDTH"),
+    (("--mix-clip-size", "9,64,64", "--mix-every", "1"), "mix-every"),
+])
+def test_bad_mixed_clip_sizes_are_refused_before_training(train, tmp_path, extra, message):
+    with pytest.raises(ValueError, match=message):
+        train.main(_smoke_args(tmp_path, "--stage", "transformer", "--transformer-steps", "1", *extra))
