@@ -1,5 +1,13 @@
+import os
+
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run in the interpreter, which reads TRITON_INTERPRET when the kernels are first
+# imported. Setting it here, before any test module imports them, gives every test the same kernels whatever
+# files run and in what order (the kernel test files also set it, for runs outside pytest's conftest).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Tests run on CPU with tiny models, where thread hand-offs cost more than they save (and a busy 2-core runner
 # makes two threads much slower): one thread, so numerics and timings do not depend on the runner.
