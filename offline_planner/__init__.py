@@ -1,5 +1,5 @@
 """LeMiCa offline planning: dense trajectories, replay, segment measurement, error DAG, lexicographic-minimax
-solver, plan files, and `make_plans` tying them together.
+solver, plan files (with weights signatures), and `make_plans` tying them together.
 
 The pipeline-side names (trajectories, replay, measurement, planner) load on first use: they import vidaccel's
 core and its LeMiCa runtime, which itself imports `plan_file` from here, so importing them eagerly would be circular.
@@ -24,12 +24,13 @@ from .solver import (
     feasible_budgets,
     solve_lexicographic_minimax,
 )
+from .weights_signature import signature_difference, weights_signature, weights_signatures
 
 # name -> submodule, loaded on first access
 _LAZY = {
     **dict.fromkeys(
         ("DenseTrajectory", "PromptRun", "load_prompts", "prompt_runs", "record_trajectories", "record_trajectory",
-         "DEFAULT_PROMPTS_PATH"),
+         "DEFAULT_PROMPTS_PATH", "setting_differences"),
         "trajectories",
     ),
     **dict.fromkeys(("Replayer", "ReplayHook"), "replay"),
@@ -66,5 +67,8 @@ __all__ = [
     "config_fingerprint",
     "feasible_budget_range",
     "feasible_budgets",
+    "signature_difference",
     "solve_lexicographic_minimax",
+    "weights_signature",
+    "weights_signatures",
 ]

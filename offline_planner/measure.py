@@ -30,7 +30,7 @@ from vidaccel.presets import Preset
 
 from .dag import feasible_budget_range
 from .replay import Replayer
-from .trajectories import DenseTrajectory, PromptRun, generation_setting
+from .trajectories import DenseTrajectory, PromptRun, generation_setting, setting_differences
 
 EDGES_SCHEMA = "vidaccel.lemica-edges/1"
 
@@ -119,11 +119,7 @@ class EdgeMeasurements:
     def compatible_with(self, other: EdgeMeasurements, ignore: Iterable[str] = ()) -> list[str]:
         """What differs between the conditions of two measurement sets (empty when they can be merged), setting
         keys in ``ignore`` aside."""
-        differences = [
-            f"{key}: {self.setting.get(key)!r} vs {other.setting.get(key)!r}"
-            for key in sorted(set(self.setting) | set(other.setting))
-            if key not in ignore and self.setting.get(key) != other.setting.get(key)
-        ]
+        differences = setting_differences(self.setting, other.setting, ignore)
         if self.runs != other.runs:
             differences.append("prompts or seeds differ")
         return differences
@@ -189,7 +185,7 @@ def _check_trajectories(trajectories: Sequence[DenseTrajectory]) -> tuple[dict[s
     first = trajectories[0]
     decode = first.final_video is not None
     for trajectory in trajectories[1:]:
-        if trajectory.setting != first.setting or (trajectory.final_video is not None) != decode:
+        if setting_differences(trajectory.setting, first.setting) or (trajectory.final_video is not None) != decode:
             raise ValueError("all dense trajectories must come from the same setting (and all be decoded or none)")
     return first.setting, decode
 
@@ -231,9 +227,13 @@ def measure_edges(
     setting, decode = _check_trajectories(trajectories)
     num_steps = trajectories[0].num_inference_steps
     current = generation_setting(pipe, num_steps, call_kwargs)
-    if current != setting:
-        raise ValueError("the dense trajectories were recorded with another pipeline setting than call_kwargs give")
-    measurements = EdgeMeasurements({**setting, "decode": decode}, tuple(t.run for t in trajectories))
+    differences = setting_differences(current, setting)
+    if differences:
+        raise ValueError("the dense trajectories were recorded with another pipeline setting than call_kwargs give "
+                         f"({'; '.join(differences)})")
+    # The pipeline's own setting: trajectories cached before weights signatures existed carry none, the checkpoint
+    # written here should.
+    measurements = EdgeMeasurements({**current, "decode": decode}, tuple(t.run for t in trajectories))
     if checkpoint is not None and os.path.exists(checkpoint):
         stored = EdgeMeasurements.load(checkpoint)
         differences = measurements.compatible_with(stored)

@@ -1,10 +1,11 @@
 """LeMiCa plan files: which steps to compute, for which model and step count, and how the plan was measured.
 
 A plan is only valid for the transformer(s) and step count it was measured on, so the file records the model
-identity (class names and a fingerprint of each transformer config), the scheduler, the step count, the size it
-was measured at, the chosen segments with their measured errors, the prompts and how it was made. Files are
-versioned JSON (``"schema": "vidaccel.lemica-plan/1"``) and are read strictly: a wrong or corrupted file fails
-with a message that says what is wrong, never with a half-loaded plan.
+identity (class names, a fingerprint of each transformer config and, in plans made since they exist, a signature
+of each transformer's weights), the scheduler, the step count, the size it was measured at, the chosen segments
+with their measured errors, the prompts and how it was made. Files are versioned JSON
+(``"schema": "vidaccel.lemica-plan/1"``) and are read strictly: a wrong or corrupted file fails with a message that
+says what is wrong, never with a half-loaded plan.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from fractions import Fraction
 from typing import Any
 
 from .solver import PlanSegment, PlanSolution
+from .weights_signature import checked_signature, signature_difference
 
 SCHEMA_NAME = "vidaccel.lemica-plan"
 SCHEMA_VERSION = 1
@@ -133,6 +135,8 @@ class LeMiCaPlan:
     ``segments`` are the measured segments of the chosen path with their ``error_metric``; both are empty/None
     when the plan's errors were not measured at this step count (a rescaled or hand-written plan).
     ``rescaled_from`` is the step count the plan was measured at when it has been rescaled since.
+    ``weights_signatures`` has one entry per transformer (see `weights_signature`; None where the weights could not
+    be read); the whole field is None in plans written before signatures existed, which then match any weights.
     """
 
     transformer_classes: tuple[str, ...]
@@ -149,6 +153,7 @@ class LeMiCaPlan:
     prompts: tuple[str, ...]
     creation: PlanCreation
     rescaled_from: int | None = None
+    weights_signatures: tuple[tuple[tuple[str, float], ...] | None, ...] | None = None
 
     def __post_init__(self) -> None:
         set_field = functools.partial(object.__setattr__, self)  # normalising fields of a frozen dataclass
@@ -178,6 +183,9 @@ class LeMiCaPlan:
             raise ValueError(f"creation must be a PlanCreation, got {type(self.creation).__name__}")
         if self.rescaled_from is not None:
             _require_positive_int(self.rescaled_from, "rescaled_from")
+        if self.weights_signatures is not None:
+            set_field("weights_signatures", _check_weights_signatures(self.weights_signatures,
+                                                                      len(self.transformer_classes)))
 
     def _check_segments(self) -> None:
         if not self.segments:
@@ -235,6 +243,7 @@ class LeMiCaPlan:
         error_metric: str,
         prompts: Sequence[str],
         command_line: Sequence[str] | None = None,
+        weights_signatures: Sequence[Sequence[Sequence[Any]] | None] | None = None,
     ) -> LeMiCaPlan:
         """A plan from a solver result, stamped with creation info for now."""
         return cls(
@@ -251,6 +260,7 @@ class LeMiCaPlan:
             segments=solution.segments,
             prompts=tuple(prompts),
             creation=PlanCreation.now(command_line),
+            weights_signatures=None if weights_signatures is None else tuple(weights_signatures),
         )
 
     # --- serialisation -------------------------------------------------------------------------------------------
@@ -265,12 +275,18 @@ class LeMiCaPlan:
                 "sum_error": self.sum_error,
                 "segments": [{"start": s.start, "end": s.end, "error": s.error} for s in self.segments],
             }
+        model = {
+            "transformer_classes": list(self.transformer_classes),
+            "config_fingerprints": list(self.config_fingerprints),
+        }
+        if self.weights_signatures is not None:  # absent rather than null, as in plans older than signatures
+            model["weights_signatures"] = [
+                None if signature is None else [list(pair) for pair in signature]
+                for signature in self.weights_signatures
+            ]
         return {
             "schema": SCHEMA,
-            "model": {
-                "transformer_classes": list(self.transformer_classes),
-                "config_fingerprints": list(self.config_fingerprints),
-            },
+            "model": model,
             "scheduler": {"class": self.scheduler_class, "config": self.scheduler_config},
             "num_inference_steps": self.num_inference_steps,
             "measured_at": {"height": self.height, "width": self.width, "num_frames": self.num_frames},
@@ -335,12 +351,17 @@ class LeMiCaPlan:
         scheduler_class: str,
         num_inference_steps: int,
         allow_rescale: bool = False,
+        *,
+        weights_signatures: Sequence[Sequence[Sequence[Any]] | None] | None = None,
     ) -> LeMiCaPlan:
         """Check the plan fits a pipeline; return it, or a rescaled copy when only the step count differs.
 
+        ``weights_signatures`` (one `weights_signature` per transformer) are compared with the plan's when both
+        exist; a plan without them, or a transformer whose weights could not be read, is not checked for weights.
+
         Raises:
-            PlanMismatchError: another transformer (class or config) or, without ``allow_rescale``, another step
-                count. A different scheduler class only warns (:class:`PlanWarning`).
+            PlanMismatchError: another transformer (class, config or weights) or, without ``allow_rescale``,
+                another step count. A different scheduler class only warns (:class:`PlanWarning`).
         """
         _require_positive_int(num_inference_steps, "num_inference_steps")
         transformer_classes = _str_tuple(transformer_classes, "transformer_classes")
@@ -348,6 +369,10 @@ class LeMiCaPlan:
         model_matches = (
             transformer_classes == self.transformer_classes and config_fingerprints == self.config_fingerprints
         )
+        if model_matches:
+            difference = self.weights_difference(weights_signatures)
+            if difference is not None:
+                raise PlanMismatchError(f"plan was measured on other weights of {difference}; {_MAKE_A_PLAN}")
         steps_match = num_inference_steps == self.num_inference_steps
         if not model_matches or (not steps_match and not allow_rescale):
             ours = _describe_model(self.transformer_classes, self.config_fingerprints)
@@ -378,6 +403,23 @@ class LeMiCaPlan:
             stacklevel=2,
         )
         return rescaled
+
+    def weights_difference(self, weights_signatures: Sequence[Sequence[Sequence[Any]] | None] | None) -> str | None:
+        """None when a pipeline's weights signatures (one per transformer) match the plan's, or either side has
+        none to compare; else which transformer differs and how, e.g. ``WanTransformer3DModel (plan vs this
+        pipeline: RMS of blocks.0.ffn.net.0.proj.weight is 0.0361 vs 0.0379)``."""
+        if self.weights_signatures is None or weights_signatures is None:
+            return None
+        if len(weights_signatures) != len(self.weights_signatures):
+            raise ValueError(f"one weights signature per transformer is needed: the plan has "
+                             f"{len(self.weights_signatures)}, got {len(weights_signatures)}")
+        several = len(self.transformer_classes) > 1
+        for index, (ours, theirs) in enumerate(zip(self.weights_signatures, weights_signatures)):
+            difference = signature_difference(ours, theirs)
+            if difference is not None:
+                which = f" (transformer {index + 1} of {len(self.transformer_classes)})" if several else ""
+                return f"{self.transformer_classes[index]}{which} (plan vs this pipeline: {difference})"
+        return None
 
     def rescaled(self, num_inference_steps: int) -> LeMiCaPlan:
         """This plan stretched to another step count; the result has no measured segments.
@@ -430,6 +472,16 @@ def _describe_model(classes: Sequence[str], fingerprints: Sequence[str]) -> str:
     return " + ".join(pairs + extra) or "no transformer"
 
 
+def _check_weights_signatures(signatures: Any, num_transformers: int) -> tuple:
+    if isinstance(signatures, (str, bytes)) or not isinstance(signatures, Sequence):
+        raise ValueError(f"weights_signatures must be a list with one entry per transformer, got {signatures!r}")
+    if len(signatures) != num_transformers:
+        raise ValueError(f"one weights signature per transformer is needed: {num_transformers} classes, "
+                         f"{len(signatures)} signatures")
+    return tuple(None if signature is None else checked_signature(signature, f"weights_signatures[{index}]")
+                 for index, signature in enumerate(signatures))
+
+
 def _arrows(pairs: Sequence[tuple[int, int]]) -> str:
     return "[" + ", ".join(f"{start}->{end}" for start, end in pairs) + "]"
 
@@ -479,13 +531,13 @@ def _check_computed_steps(steps: Any, num_steps: int) -> tuple[int, ...]:
 class _JsonObject:
     """Reads the fields of one JSON object, naming the object's path in every complaint."""
 
-    def __init__(self, data: Any, path: str, required: Sequence[str]):
+    def __init__(self, data: Any, path: str, required: Sequence[str], optional: Sequence[str] = ()):
         if not isinstance(data, dict):
             raise PlanFileError(f"{path} must be a JSON object, got {_json_type(data)}")
         missing = [key for key in required if key not in data]
         if missing:
             raise PlanFileError(f"{path} is missing field(s): {', '.join(missing)}")
-        unknown = sorted(set(data) - set(required))
+        unknown = sorted(set(data) - set(required) - set(optional))
         if unknown:
             raise PlanFileError(f"{path} has unknown field(s): {', '.join(unknown)}")
         self.data, self.path = data, path
@@ -583,7 +635,9 @@ def _parse_plan(data: Any) -> LeMiCaPlan:
         "schema", "model", "scheduler", "num_inference_steps", "measured_at", "budget", "computed_steps",
         "errors", "prompts", "rescaled_from", "creation",
     ])
-    model = _JsonObject(plan.get("model", "object"), "model", ["transformer_classes", "config_fingerprints"])
+    # weights_signatures is optional: plans made before signatures existed have none and match any weights
+    model = _JsonObject(plan.get("model", "object"), "model", ["transformer_classes", "config_fingerprints"],
+                        optional=["weights_signatures"])
     scheduler = _JsonObject(plan.get("scheduler", "object"), "scheduler", ["class", "config"])
     size = _JsonObject(plan.get("measured_at", "object"), "measured_at", ["height", "width", "num_frames"])
     creation = _JsonObject(plan.get("creation", "object"), "creation", ["vidaccel_version", "date", "command_line"])
@@ -624,6 +678,7 @@ def _parse_plan(data: Any) -> LeMiCaPlan:
             command_line=tuple(creation.get_list("command_line", "string")),
         ),
         rescaled_from=plan.get("rescaled_from", "integer or null"),
+        weights_signatures=model.get("weights_signatures", "list") if "weights_signatures" in model.data else None,
     )
     for key, stored in stored_summary.items():  # written for readers; a hand edit must keep them consistent
         value = getattr(result, key)

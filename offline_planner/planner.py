@@ -19,7 +19,14 @@ from .dag import build_error_dag, feasible_budget_range
 from .measure import ERROR_METRICS, VIDEO_METRICS, EdgeMeasurements, candidate_edges, measure_edges
 from .plan_file import LeMiCaPlan, config_fingerprint, plan_filename
 from .solver import solve_lexicographic_minimax
-from .trajectories import check_call_kwargs, generation_setting, prompt_runs, record_trajectories
+from .trajectories import (
+    WEIGHTS_SIGNATURES_KEY,
+    check_call_kwargs,
+    generation_setting,
+    prompt_runs,
+    record_trajectories,
+)
+from .weights_signature import weights_signatures
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +129,8 @@ def make_plans(
         measurements, budgets, max_skip, out_dir, metric=metric,
         transformer_classes=[type(t).__name__ for t in transformers.values()],
         config_fingerprints=[config_fingerprint(t.config) for t in transformers.values()],
+        # The pipeline's own: a reused checkpoint matched them (within tolerance) or predates signatures.
+        weights_signatures=weights_signatures(transformers.values()),
         scheduler_class=type(pipe.scheduler).__name__,
         scheduler_config=dict(pipe.scheduler.config),
         size=(height, width, num_frames),
@@ -130,7 +139,7 @@ def make_plans(
 
 
 # Where the edge errors were measured does not change what they are: a finished checkpoint made on a GPU can be
-# re-solved for other budgets on a CPU.
+# re-solved for other budgets on a CPU. (Weights signatures are compared with a tolerance that covers the device.)
 _SETTING_KEYS_FREE_ON_REUSE = ("device",)
 
 
@@ -170,8 +179,15 @@ def write_plans(
     scheduler_config: Mapping[str, Any],
     size: tuple[int, int, int],
     command_line: Sequence[str] | None = None,
+    weights_signatures: Sequence[Any] | None = None,
 ) -> list[PlannedBudget]:
-    """Solve the error DAG of ``measurements`` for each budget and write the plan files."""
+    """Solve the error DAG of ``measurements`` for each budget and write the plan files.
+
+    The plans carry ``weights_signatures`` (one `weights_signature` per transformer), by default those of the
+    weights the measurements were made on (none for a checkpoint older than signatures).
+    """
+    if weights_signatures is None:
+        weights_signatures = measurements.setting.get(WEIGHTS_SIGNATURES_KEY)
     num_steps = measurements.num_steps
     dag = build_error_dag(num_steps, measurements.mean_errors(metric), max_skip)
     os.makedirs(out_dir, exist_ok=True)
@@ -191,6 +207,7 @@ def write_plans(
             error_metric=metric,
             prompts=[run.prompt for run in measurements.runs],
             command_line=command_line,
+            weights_signatures=weights_signatures,
         )
         path = os.path.join(os.fspath(out_dir), plan_filename(num_steps, budget))
         plan.to_json(path)

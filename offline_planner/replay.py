@@ -21,8 +21,9 @@ from .trajectories import (
     DenseTrajectory,
     as_transformer_output,
     generate,
-    hooks_under_step_context,
     generation_setting,
+    hooks_under_step_context,
+    setting_differences,
     step_context_of,
 )
 
@@ -102,10 +103,11 @@ class Replayer(contextlib.AbstractContextManager):
         steps = trajectory.num_inference_steps
         if isinstance(replay_until, bool) or not isinstance(replay_until, int) or not 0 <= replay_until <= steps:
             raise ValueError(f"replay_until must be an integer in 0..{steps}, got {replay_until!r}")
-        if generation_setting(self.pipe, steps, call_kwargs) != trajectory.setting:
+        differences = setting_differences(generation_setting(self.pipe, steps, call_kwargs), trajectory.setting)
+        if differences:
             raise ValueError(
                 "the trajectory was recorded with another model, scheduler, dtype, device or call arguments than "
-                "this replay uses"
+                f"this replay uses ({'; '.join(differences)})"
             )
         for hook in self.hooks:
             hook.trajectory, hook.replay_until, hook.replayed_calls = trajectory, replay_until, 0

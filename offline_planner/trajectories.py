@@ -17,7 +17,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,9 +32,12 @@ from vidaccel.hooks import HookAttachment
 from vidaccel.presets import Preset
 
 from .plan_file import config_fingerprint
+from .weights_signature import signature_difference, weights_signatures
 
 TRAJECTORY_SCHEMA = "vidaccel.dense-trajectory/1"
 RECORDING_HOOK = "vidaccel.offline_planner.record"
+#: The setting key holding one `weights_signature` per transformer.
+WEIGHTS_SIGNATURES_KEY = "weights_signatures"
 
 #: Call arguments the planner sets itself for every generation; callers must not pass them.
 PLANNER_CALL_ARGUMENTS = (
@@ -147,14 +150,16 @@ def _output_key(step: int, branch: str) -> str:
 def generation_setting(pipe: Any, num_inference_steps: int, call_kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """A JSON description of everything besides prompt and seed that decides a planning generation.
 
-    Two trajectories or measurements are comparable only when their settings are equal: model identity, weights
-    dtype and device type, scheduler, step count and the remaining call arguments (images and tensors by hash).
+    Two trajectories or measurements are comparable only when their settings agree (see `setting_differences`):
+    model identity (including a signature of each transformer's weights), weights dtype and device type,
+    scheduler, step count and the remaining call arguments (images and tensors by hash).
     """
     check_call_kwargs(call_kwargs)
     transformers = for_pipeline(pipe).transformers()
     return {
         "transformer_classes": [type(t).__name__ for t in transformers.values()],
         "config_fingerprints": [config_fingerprint(t.config) for t in transformers.values()],
+        WEIGHTS_SIGNATURES_KEY: weights_signatures(transformers.values()),
         "dtypes": [str(next(t.parameters()).dtype).removeprefix("torch.") for t in transformers.values()],
         "device": next(iter(transformers.values())).device.type if transformers else "cpu",
         "scheduler_class": type(pipe.scheduler).__name__,
@@ -162,6 +167,38 @@ def generation_setting(pipe: Any, num_inference_steps: int, call_kwargs: Mapping
         "num_inference_steps": num_inference_steps,
         "call": {key: _describe(value, key) for key, value in sorted(call_kwargs.items())},
     }
+
+
+def setting_differences(a: Mapping[str, Any], b: Mapping[str, Any], ignore: Iterable[str] = ()) -> list[str]:
+    """What differs between two generation settings (empty when they are comparable), keys in ``ignore`` aside.
+
+    Weights signatures are compared with a tolerance (a checkpoint measured on a GPU must match the same weights
+    on a CPU, or cast to another dtype), every other key exactly.
+    """
+    ignore = set(ignore)
+    differences = []
+    for key in sorted((set(a) | set(b)) - ignore):
+        if key == WEIGHTS_SIGNATURES_KEY:
+            difference = _weights_difference(a, b)
+            if difference is not None:
+                differences.append(f"{key}: {difference}")
+        elif a.get(key) != b.get(key):
+            differences.append(f"{key}: {a.get(key)!r} vs {b.get(key)!r}")
+    return differences
+
+
+def _weights_difference(a: Mapping[str, Any], b: Mapping[str, Any]) -> str | None:
+    # Trajectories and checkpoints written before signatures existed carry none: nothing to compare, so compatible.
+    if WEIGHTS_SIGNATURES_KEY not in a or WEIGHTS_SIGNATURES_KEY not in b:
+        return None
+    ours, theirs = a[WEIGHTS_SIGNATURES_KEY], b[WEIGHTS_SIGNATURES_KEY]
+    if len(ours) != len(theirs):
+        return f"signatures of {len(ours)} vs {len(theirs)} transformers"
+    for index, (our_signature, their_signature) in enumerate(zip(ours, theirs)):
+        difference = signature_difference(our_signature, their_signature)  # None signatures (meta weights) match
+        if difference is not None:
+            return f"other weights in transformer {index + 1} ({difference})"
+    return None
 
 
 def check_call_kwargs(call_kwargs: Mapping[str, Any]) -> None:
@@ -375,7 +412,8 @@ def record_trajectories(
         path = os.path.join(cache_dir, f"trajectory-{index:03d}.safetensors") if cache_dir is not None else None
         if path is not None and os.path.exists(path):
             cached = DenseTrajectory.load(path)
-            if cached.run == run and cached.setting == setting and (cached.final_video is not None) == decode:
+            if (cached.run == run and not setting_differences(cached.setting, setting)
+                    and (cached.final_video is not None) == decode):
                 trajectories.append(cached)
                 continue
         trajectory = record_trajectory(

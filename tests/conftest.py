@@ -20,3 +20,21 @@ def tiny_pipelines():
     from vidaccel.testing import KINDS, tiny_pipeline
 
     return {kind: tiny_pipeline(kind) for kind in KINDS}
+
+
+@pytest.fixture
+def perturb_weights():
+    """``perturb_weights(module, name, factor=1.05)`` scales one parameter in place, as retraining would change
+    it; the parameter is restored exactly when the test ends, so shared pipelines stay as they were."""
+    originals = []
+
+    def perturb(module, name, factor=1.05):
+        parameter = dict(module.named_parameters())[name]
+        originals.append((parameter, parameter.detach().clone()))
+        with torch.no_grad():
+            parameter.mul_(factor)
+
+    yield perturb
+    with torch.no_grad():
+        for parameter, original in reversed(originals):
+            parameter.copy_(original)

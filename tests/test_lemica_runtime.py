@@ -11,6 +11,7 @@ from vidaccel.attention.dense import DenseAttention
 from vidaccel.caching import LeMiCa
 from vidaccel.offline_planner.plan_file import (LeMiCaPlan, PlanCreation, PlanMismatchError, PlanWarning,
                                                 config_fingerprint)
+from vidaccel.offline_planner.weights_signature import weights_signature
 from vidaccel.testing import tiny_call_kwargs
 
 
@@ -32,7 +33,8 @@ def per_branch(handle, transformer="transformer"):
     return handle.stats()["cache"]["per_branch"][transformer]
 
 
-def plan_for(pipe, computed_steps, num_steps, fingerprints=None):
+def plan_for(pipe, computed_steps, num_steps, fingerprints=None, signed=False):
+    """A plan for ``pipe``'s model; ``signed`` records the weights signatures it has now."""
     transformers = [t for t in (pipe.transformer, getattr(pipe, "transformer_2", None)) if t is not None]
     return LeMiCaPlan(
         transformer_classes=tuple(type(t).__name__ for t in transformers),
@@ -40,6 +42,7 @@ def plan_for(pipe, computed_steps, num_steps, fingerprints=None):
         scheduler_class=type(pipe.scheduler).__name__, scheduler_config=dict(pipe.scheduler.config),
         num_inference_steps=num_steps, height=32, width=32, num_frames=9, computed_steps=tuple(computed_steps),
         error_metric=None, segments=(), prompts=("a red circle",), creation=PlanCreation.now(["test"]),
+        weights_signatures=[weights_signature(t) for t in transformers] if signed else None,
     )
 
 
@@ -178,6 +181,33 @@ def test_plan_for_another_model_fails_at_apply(tiny_pipelines, tmp_path):
         vidaccel.apply(pipe, vidaccel.Preset(cache=LeMiCa(plan=path)))
     assert vidaccel.active_handle(pipe) is None
     assert not any(hasattr(block, "_diffusers_hook") for block in pipe.transformer.blocks)
+
+
+def hook_names(model):
+    """The diffusers hooks on every submodule (a registry may stay behind, empty, after hooks are removed)."""
+    return {name: tuple(module._diffusers_hook._hook_order) for name, module in model.named_modules()
+            if hasattr(module, "_diffusers_hook")}
+
+
+def test_plan_for_other_weights_fails_at_apply_and_leaves_the_pipeline_alone(tiny_pipelines, tmp_path,
+                                                                            perturb_weights):
+    pipe = tiny_pipelines["wan"]
+    path = tmp_path / "plan.json"
+    plan_for(pipe, [0, 2], 4, signed=True).to_json(path)
+    with vidaccel.apply(pipe, vidaccel.Preset(cache=LeMiCa(plan=path))) as handle:  # the weights it was made on
+        latents(pipe, "wan", steps=4)
+        assert per_branch(handle)["cond"]["cached_steps"] == [1, 3]
+
+    sampled = weights_signature(pipe.transformer)[5][0]
+    perturb_weights(pipe.transformer, sampled, 1.05)  # the same architecture, retrained
+    stock, hooks = latents(pipe, "wan", steps=4), hook_names(pipe.transformer)
+    with pytest.raises(PlanMismatchError, match=rf"measured on other weights of WanTransformer3DModel .*{sampled}"):
+        vidaccel.apply(pipe, vidaccel.Preset(cache=LeMiCa(plan=path)))
+    assert vidaccel.active_handle(pipe) is None
+    assert hook_names(pipe.transformer) == hooks
+    torch.testing.assert_close(latents(pipe, "wan", steps=4), stock, rtol=0, atol=0)
+    with pytest.raises(PlanMismatchError, match="other weights"):  # rescaling cannot help either
+        vidaccel.apply(pipe, vidaccel.Preset(cache=LeMiCa(plan=path, allow_rescale=True)))
 
 
 def test_config_round_trips_through_dict():

@@ -115,3 +115,37 @@ def test_fallback_needs_a_budget_and_a_cache_method():
         LeMiCa(computed_steps=(0, 2), fallback=vidaccel.DBCache())
     with pytest.raises(TypeError, match="cache method config"):
         LeMiCa(budget=10, fallback=vidaccel.RadialAttention())
+
+
+def test_fallback_runs_where_the_only_plan_was_measured_on_other_weights(tmp_path, perturb_weights):
+    from vidaccel.caching.dbcache import DBCache
+    from vidaccel.offline_planner.plan_file import PlanCreation, PlanWarning, config_fingerprint, plan_filename
+    from vidaccel.offline_planner.weights_signature import weights_signature
+    from vidaccel.testing import tiny_call_kwargs, tiny_pipeline
+
+    pipe = tiny_pipeline("wan", num_layers=2)
+    pipe.set_progress_bar_config(disable=True)
+    transformer = pipe.transformer
+    LeMiCaPlan(
+        transformer_classes=(type(transformer).__name__,),
+        config_fingerprints=(config_fingerprint(transformer.config),),
+        scheduler_class=type(pipe.scheduler).__name__, scheduler_config=dict(pipe.scheduler.config),
+        num_inference_steps=6, height=32, width=32, num_frames=9, computed_steps=(0, 2, 4), error_metric=None,
+        segments=(), prompts=("a red circle",), creation=PlanCreation.now(["test"]),
+        weights_signatures=(weights_signature(transformer),),
+    ).to_json(tmp_path / plan_filename(6, 3))
+    config = LeMiCa(budget=3, plans_dir=tmp_path, fallback=DBCache(Fn=1, Bn=0, threshold=1e9, warmup_steps=2))
+
+    def run():
+        with vidaccel.apply(pipe, vidaccel.Preset(cache=config, name="planned")) as handle:
+            pipe(**{**tiny_call_kwargs("wan", steps=6), "output_type": "latent"})
+            return handle.stats()["cache"]
+
+    stats = run()  # on the weights it was measured on, the plan runs
+    assert "fallback" not in stats and stats["plan_steps"] == {"6": [0, 2, 4]}
+
+    perturb_weights(transformer, weights_signature(transformer)[-1][0])  # retrained: same architecture
+    with pytest.warns(PlanWarning, match=r"a LeMiCa plan with budget 3 exists for this architecture .* but it was "
+                                         r"measured on other weights .*proj_out.weight.*running the fallback"):
+        stats = run()
+    assert stats["fallback"]["method"] == "dbcache" and "other weights" in stats["fallback"]["reason"]

@@ -30,14 +30,15 @@ SCHEDULER = "UniPCMultistepScheduler"
 WAN_CONFIG = {"_class_name": WAN, "_diffusers_version": "0.42.1", "num_layers": 30, "patch_size": (1, 2, 2)}
 
 
-def make_plan(num_steps: int = 20, budget: int = 8, max_skip: int = 4) -> LeMiCaPlan:
+def make_plan(num_steps: int = 20, budget: int = 8, max_skip: int = 4, num_transformers: int = 1,
+              weights_signatures=None) -> LeMiCaPlan:
     pairs = [(i, j) for i in range(num_steps) for j in range(i + 1, num_steps + 1)]
     errors = {(i, j): round((j - i - 1) * 0.01 * (1 + i % 3), 4) for i, j in pairs}
     solution = solve_lexicographic_minimax(build_error_dag(num_steps, errors, max_skip), budget)
     return LeMiCaPlan.from_solution(
         solution,
-        transformer_classes=[WAN],
-        config_fingerprints=[config_fingerprint(WAN_CONFIG)],
+        transformer_classes=[WAN] * num_transformers,
+        config_fingerprints=[config_fingerprint(WAN_CONFIG)] * num_transformers,
         scheduler_class=SCHEDULER,
         scheduler_config={"_class_name": SCHEDULER, "flow_shift": 3.0, "solver_order": 2},
         height=64,
@@ -46,6 +47,7 @@ def make_plan(num_steps: int = 20, budget: int = 8, max_skip: int = 4) -> LeMiCa
         error_metric="relative_l1_final_latent",
         prompts=["a red ball bounces", "ein Würfel dreht sich"],
         command_line=["vidaccel", "plan", "--budget", str(budget)],
+        weights_signatures=weights_signatures,
     )
 
 
@@ -332,6 +334,83 @@ def test_allow_rescale_returns_a_rescaled_plan_and_warns():
         result = plan.validate_against([WAN], [config_fingerprint(WAN_CONFIG)], SCHEDULER, 30, allow_rescale=True)
     assert result == plan.rescaled(30)
     assert result.num_inference_steps == 30 and result.budget == 12 and result.rescaled_from == 20
+
+
+# --- weights signatures -----------------------------------------------------------------------------------------
+
+SIGNATURE = [["patch_embedding.weight", 0.0769645], ["blocks.0.ffn.net.0.proj.weight", 0.0715325]]
+RETRAINED = [["patch_embedding.weight", 0.0972113], ["blocks.0.ffn.net.0.proj.weight", 0.0715325]]
+
+
+def signed_plan() -> LeMiCaPlan:
+    return make_plan(weights_signatures=[SIGNATURE])
+
+
+def test_plans_without_weights_signatures_still_load_and_match_any_weights():
+    data = make_plan().to_dict()
+    assert "weights_signatures" not in data["model"]  # as in plan files written before signatures existed
+    plan = LeMiCaPlan.from_dict(data)
+    assert plan.weights_signatures is None
+    fingerprint = config_fingerprint(WAN_CONFIG)
+    assert plan.validate_against([WAN], [fingerprint], SCHEDULER, 20, weights_signatures=[RETRAINED]) is plan
+
+
+def test_weights_signatures_round_trip_and_survive_rescaling(tmp_path):
+    plan = make_plan(num_transformers=2, weights_signatures=[SIGNATURE, None])  # the second on the meta device
+    assert plan.weights_signatures == (tuple(map(tuple, SIGNATURE)), None)
+    plan.to_json(tmp_path / "plan.json")
+    data = json.loads((tmp_path / "plan.json").read_text())
+    assert data["model"]["weights_signatures"] == [SIGNATURE, None]
+    assert LeMiCaPlan.from_json(tmp_path / "plan.json") == plan
+    assert plan.rescaled(8).weights_signatures == plan.weights_signatures
+
+
+def test_other_weights_of_the_same_architecture_are_refused():
+    plan = signed_plan()
+    fingerprint = config_fingerprint(WAN_CONFIG)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert plan.validate_against([WAN], [fingerprint], SCHEDULER, 20, weights_signatures=[SIGNATURE]) is plan
+        # the same weights in bf16 or on another device: RMS values a little off still match
+        close = [[name, value * (1 + 2e-4)] for name, value in SIGNATURE]
+        assert plan.validate_against([WAN], [fingerprint], SCHEDULER, 20, weights_signatures=[close]) is plan
+        assert plan.validate_against([WAN], [fingerprint], SCHEDULER, 20, weights_signatures=[None]) is plan
+        assert plan.validate_against([WAN], [fingerprint], SCHEDULER, 20) is plan
+    for steps in (20, 30):  # rescaling does not help: the errors were measured on other weights
+        with pytest.raises(PlanMismatchError) as raised:
+            plan.validate_against([WAN], [fingerprint], SCHEDULER, steps, allow_rescale=True,
+                                  weights_signatures=[RETRAINED])
+        assert str(raised.value) == (
+            f"plan was measured on other weights of {WAN} (plan vs this pipeline: RMS of patch_embedding.weight is "
+            "0.0769645 vs 0.0972113); make a plan for this pipeline with `vidaccel plan`"
+        )
+
+
+def test_the_transformer_with_other_weights_is_named():
+    plan = make_plan(num_transformers=2, weights_signatures=[SIGNATURE, SIGNATURE])
+    with pytest.raises(PlanMismatchError, match=rf"other weights of {WAN} \(transformer 2 of 2\)"):
+        plan.validate_against([WAN, WAN], plan.config_fingerprints, SCHEDULER, 20,
+                              weights_signatures=[SIGNATURE, RETRAINED])
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m.update(weights_signatures=None), "model.weights_signatures must be a list, got null"),
+        (lambda m: m.update(weights_signatures=[SIGNATURE, SIGNATURE]), "one weights signature per transformer"),
+        (lambda m: m.update(weights_signatures=["x"]), r"weights_signatures\[0\] must be a list of"),
+        (lambda m: m.update(weights_signatures=[[["w", -1.0]]]), r"weights_signatures\[0\]\[0\] must be a \["),
+        (lambda m: m.update(weights_signatures=[[["w"]]]), r"weights_signatures\[0\]\[0\] must be a \["),
+        (lambda m: m.update(weights_signatures=[[[3, 0.5]]]), r"weights_signatures\[0\]\[0\] must be a \["),
+        (lambda m: m.update(weights_signatures=[[["w", True]]]), r"weights_signatures\[0\]\[0\] must be a \["),
+        (lambda m: m.update(weight_signatures=[SIGNATURE]), r"model has unknown field\(s\): weight_signatures"),
+    ],
+)
+def test_malformed_weights_signatures_are_rejected(edit, message):
+    data = signed_plan().to_dict()
+    edit(data["model"])
+    with pytest.raises(PlanFileError, match=message):
+        LeMiCaPlan.from_dict(data)
 
 
 # --- rescaling --------------------------------------------------------------------------------------------------

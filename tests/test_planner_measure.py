@@ -123,6 +123,29 @@ def test_checkpoint_of_other_conditions_is_refused(wan_setup, tmp_path):
         measure_edges(pipe, trajectories[:1], [(0, 2)], kwargs, checkpoint=checkpoint, progress=False)
 
 
+def test_checkpoint_of_other_weights_is_refused_and_one_without_signatures_is_resumed(wan_setup, tmp_path,
+                                                                                      monkeypatch):
+    pipe, kwargs, trajectories = wan_setup
+    checkpoint = tmp_path / "edges.json"
+    measured = measure_edges(pipe, trajectories[:1], [(0, 2)], kwargs, checkpoint=checkpoint, progress=False)
+    data = json.loads(checkpoint.read_text())
+    signature = data["setting"]["weights_signatures"][0]
+    assert len(signature) == 16 and signature == measured.setting["weights_signatures"][0]
+
+    name, value = signature[3]
+    signature[3] = [name, value * 1.05]  # the same architecture, retrained
+    checkpoint.write_text(json.dumps(data))
+    with pytest.raises(CheckpointMismatchError, match=rf"weights_signatures: other weights .*RMS of {name}"):
+        measure_edges(pipe, trajectories[:1], [(0, 2)], kwargs, checkpoint=checkpoint, progress=False)
+
+    del data["setting"]["weights_signatures"]  # written before weights signatures existed
+    checkpoint.write_text(json.dumps(data))
+    monkeypatch.setattr(measure, "measure_edge", lambda *args: pytest.fail("a checkpointed edge was measured"))
+    resumed = measure_edges(pipe, trajectories[:1], [(0, 2)], kwargs, checkpoint=checkpoint, progress=False)
+    assert resumed.errors == measured.errors
+    assert resumed.setting["weights_signatures"] == measured.setting["weights_signatures"]  # the pipeline's own
+
+
 def test_measurement_file_round_trip_and_mean(wan_setup, tmp_path):
     _, _, trajectories = wan_setup
     measurements = EdgeMeasurements({**trajectories[0].setting, "decode": False}, tuple(t.run for t in trajectories))

@@ -20,6 +20,7 @@ from vidaccel.offline_planner import (
     make_plans,
 )
 from vidaccel.offline_planner.planner import plan_filename, summary_table
+from vidaccel.offline_planner.weights_signature import weights_signature
 from vidaccel.testing import tiny_call_kwargs, tiny_pipeline
 
 STEPS = 6
@@ -42,6 +43,10 @@ def identity(pipe):
             type(pipe.scheduler).__name__)
 
 
+def signatures(pipe):
+    return [weights_signature(pipe.transformer)]
+
+
 def test_make_plans_writes_valid_optimal_plans(small_wan, tmp_path):
     pipe, kwargs = small_wan, planner_kwargs("wan")
     prompts = ["a red circle moves left", "a green square runs up"]
@@ -60,11 +65,12 @@ def test_make_plans_writes_valid_optimal_plans(small_wan, tmp_path):
         assert plan.prompts == tuple(prompts) and plan.error_metric == "relative_l1"
         assert plan.scheduler_class == "UniPCMultistepScheduler"
         assert plan.scheduler_config["flow_shift"] == 3.0
+        assert plan.weights_signatures == tuple(tuple(map(tuple, signature)) for signature in signatures(pipe))
         # the plan's segments are the measured prompt-averaged errors of the best path
         best = brute_force_lexicographic_minimax(dag, item.budget)
         assert plan.computed_steps == best.computed_steps
         assert [s.error for s in plan.segments] == [s.error for s in best.segments]
-        assert plan.validate_against(*identity(pipe), STEPS) is plan
+        assert plan.validate_against(*identity(pipe), STEPS, weights_signatures=signatures(pipe)) is plan
         with pytest.raises(PlanMismatchError, match="8 steps"):
             plan.validate_against(*identity(pipe), 8)
 
@@ -105,12 +111,51 @@ def test_finished_checkpoint_is_solved_again_without_generating(small_wan, tmp_p
     again = make_plans(pipe, prompts, STEPS, [3, 4], 2, kwargs, tmp_path / "b", checkpoint, progress=False)
     assert [item.budget for item in again] == [3, 4]
     assert again[0].plan.computed_steps == first[0].plan.computed_steps
+
+    # a GPU's reduction order moves the weights' RMS values a little: still the same weights
+    nearly = [[[name, value * (1 + 1e-5)] for name, value in signature] for signature in signatures(pipe)]
+    data["setting"]["weights_signatures"] = nearly
+    EdgeMeasurements.from_dict(data).save(checkpoint)
+    resolved = make_plans(pipe, prompts, STEPS, [3], 2, kwargs, tmp_path / "e", checkpoint, progress=False)
+    assert resolved[0].plan.weights_signatures == first[0].plan.weights_signatures  # the pipeline's own
+    # a checkpoint from before weights signatures: re-solved, and the plans carry the pipeline's signatures
+    del data["setting"]["weights_signatures"]
+    EdgeMeasurements.from_dict(data).save(checkpoint)
+    older = make_plans(pipe, prompts, STEPS, [3], 2, kwargs, tmp_path / "f", checkpoint, progress=False)
+    assert first[0].plan.weights_signatures is not None
+    assert older[0].plan.weights_signatures == first[0].plan.weights_signatures
+    # measured on other weights: never re-solved for these
+    data["setting"]["weights_signatures"] = [[[name, value * 1.05] for name, value in signatures(pipe)[0]]]
+    EdgeMeasurements.from_dict(data).save(checkpoint)
+    with pytest.raises(AssertionError, match="must not generate"):
+        make_plans(pipe, prompts, STEPS, [3], 2, kwargs, tmp_path / "g", checkpoint, progress=False)
+    del data["setting"]["weights_signatures"]
+    EdgeMeasurements.from_dict(data).save(checkpoint)
     # another setting (guidance scale) or other prompts: measured again, never mixed
     with pytest.raises(AssertionError, match="must not generate"):
         make_plans(pipe, prompts, STEPS, [3], 2, {**kwargs, "guidance_scale": 7.5}, tmp_path / "c", checkpoint,
                    progress=False)
     with pytest.raises(AssertionError, match="must not generate"):
         make_plans(pipe, ["another prompt"], STEPS, [3], 2, kwargs, tmp_path / "d", checkpoint, progress=False)
+
+
+def test_plans_refuse_the_same_architecture_with_other_weights(small_wan, tmp_path, perturb_weights):
+    pipe = small_wan
+    planned = make_plans(pipe, ["a red circle moves left"], STEPS, [5], 1, planner_kwargs("wan"), tmp_path,
+                         progress=False)
+    plan = LeMiCaPlan.from_json(planned[0].path)
+    assert plan.validate_against(*identity(pipe), STEPS, weights_signatures=signatures(pipe)) is plan
+
+    sampled = weights_signature(pipe.transformer)[0][0]
+    perturb_weights(pipe.transformer, sampled, 1.05)  # retrained: the same config, other weights
+    with pytest.raises(PlanMismatchError, match=rf"measured on other weights .*RMS of {sampled}"):
+        plan.validate_against(*identity(pipe), STEPS, weights_signatures=signatures(pipe))
+    stock = pipe(**{**tiny_call_kwargs("wan", steps=STEPS), "output_type": "latent"}).frames
+    with pytest.raises(PlanMismatchError, match="other weights"):
+        vidaccel.apply(pipe, vidaccel.Preset(cache=LeMiCa(plan=planned[0].path)))
+    assert vidaccel.active_handle(pipe) is None
+    after = pipe(**{**tiny_call_kwargs("wan", steps=STEPS), "output_type": "latent"}).frames
+    assert torch.equal(after, stock)  # the failed apply left the pipeline as it was
 
 
 def test_make_plans_checks_budgets_and_metric_before_measuring(small_wan, tmp_path):
@@ -153,6 +198,7 @@ def test_cli_tiny_wan_writes_plans_and_resumes(tmp_path, capsys):
     assert "max edge error" in printed and "4/6" in printed and "5/6" in printed
     plans = {budget: LeMiCaPlan.from_json(out / plan_filename(STEPS, budget)) for budget in (4, 5)}
     assert plans[4].budget == 4 and plans[5].budget == 5
+    assert all(plan.weights_signatures is not None and len(plan.weights_signatures[0]) == 16 for plan in plans.values())
     checkpoint = out / f"lemica-edges-{STEPS}steps.json"
     assert len(EdgeMeasurements.load(checkpoint).errors) == 5
 

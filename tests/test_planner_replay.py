@@ -1,5 +1,6 @@
 """LeMiCa planner, pipeline side: dense trajectories and their replay (exact, cheap, leaving no trace)."""
 
+import dataclasses
 import json
 
 import pytest
@@ -107,8 +108,16 @@ def test_replay_refuses_other_call_arguments_and_restores_pipeline(tiny_pipeline
         replay(pipe, trajectory, 2, {**kwargs, "guidance_scale": 3.0})
     with pytest.raises(ValueError, match="replay_until"):
         replay(pipe, trajectory, STEPS + 1, kwargs)
+    retrained = [[name, value * 1.05] for name, value in trajectory.setting["weights_signatures"][0]]
+    foreign = dataclasses.replace(trajectory, setting={**trajectory.setting, "weights_signatures": [retrained]})
+    with pytest.raises(ValueError, match="another model, .*weights_signatures: other weights in transformer 1"):
+        replay(pipe, foreign, 2, kwargs)
     assert module_state(pipe) == before
     assert vidaccel.active_handle(pipe) is None
+    # a trajectory recorded before weights signatures existed carries none, and still replays
+    older = dataclasses.replace(trajectory, setting={key: value for key, value in trajectory.setting.items()
+                                                     if key != "weights_signatures"})
+    assert torch.equal(replay(pipe, older, 2, kwargs)[0], trajectory.final_latent)
 
 
 def test_planner_refuses_accelerated_pipeline_and_reserved_arguments(tiny_pipelines):
@@ -120,7 +129,7 @@ def test_planner_refuses_accelerated_pipeline_and_reserved_arguments(tiny_pipeli
         record_trajectory(pipe, PromptRun("a cat", 0), STEPS, tiny_call_kwargs("wan"))
 
 
-def test_trajectory_files_round_trip_and_cache(tiny_pipelines, tmp_path):
+def test_trajectory_files_round_trip_and_cache(tiny_pipelines, tmp_path, perturb_weights):
     pipe, kwargs = tiny_pipelines["cogvideox"], planner_kwargs("cogvideox")
     runs = prompt_runs(["a red circle", "a green square"], seed=5)
     assert [run.seed for run in runs] == [5, 6]
@@ -141,6 +150,11 @@ def test_trajectory_files_round_trip_and_cache(tiny_pipelines, tmp_path):
         assert torch.equal(again[1].final_latent, first[1].final_latent)
         record_trajectories(pipe, runs[:1], STEPS, kwargs, decode=False, cache_dir=tmp_path, progress=False)
         assert blocks.count > 0  # a cached trajectory without what is asked for is recorded again
+        record_trajectories(pipe, runs, STEPS, kwargs, decode=True, cache_dir=tmp_path, progress=False)
+        blocks.count = 0  # both cached and decoded again
+        perturb_weights(pipe.transformer, first[1].setting["weights_signatures"][0][-1][0])
+        record_trajectories(pipe, runs, STEPS, kwargs, decode=True, cache_dir=tmp_path, progress=False)
+        assert blocks.count > 0  # nor is one recorded on other weights
     finally:
         blocks.close()
 

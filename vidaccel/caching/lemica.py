@@ -16,11 +16,12 @@ import dataclasses
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..method import AccelMethod, MethodConfig
 from ..offline_planner.plan_file import (LeMiCaPlan, PlanMismatchError, PlanWarning, config_fingerprint,
                                           parse_plan_filename)
+from ..offline_planner.weights_signature import weights_signatures
 from .block_skip import SkippableSpan, Streams
 from .step_log import StepLog
 
@@ -30,6 +31,26 @@ PLANS_DIR_ENV_VAR = "VIDACCEL_PLANS_DIR"
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+class PipelineIdentity(NamedTuple):
+    """What a plan is checked against; the field names are `LeMiCaPlan.validate_against`'s keywords."""
+
+    transformer_classes: tuple[str, ...]
+    config_fingerprints: tuple[str, ...]
+    scheduler_class: str
+    weights_signatures: tuple[list | None, ...]  # one `weights_signature` per transformer
+
+    @classmethod
+    def of(cls, adapter) -> PipelineIdentity:
+        """The identity of an adapter's pipeline; reading the weights signatures costs one host sync."""
+        transformers = adapter.transformers().values()
+        return cls(
+            transformer_classes=tuple(type(t).__name__ for t in transformers),
+            config_fingerprints=tuple(config_fingerprint(t.config) for t in transformers),
+            scheduler_class=type(adapter.scheduler).__name__,
+            weights_signatures=tuple(weights_signatures(transformers)),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,22 +186,32 @@ class LeMiCa(MethodConfig):
         raise ValueError(f"LeMiCa budget {self.budget} has plans for several step counts in {where} "
                          f"({', '.join(map(str, sorted(candidates)))}); pass num_inference_steps to pick one")
 
-    def plan_for_model(self, identity: tuple) -> tuple[LeMiCaPlan | None, str]:
-        """The plan with this budget made for the model ``identity`` (classes, fingerprints, scheduler class),
-        or None and why not. With plans for several step counts, ``num_inference_steps`` (else the most steps)
-        decides."""
+    def plan_for_model(self, identity: PipelineIdentity) -> tuple[LeMiCaPlan | None, str]:
+        """The plan with this budget made for the model ``identity`` (architecture and weights), or None and why
+        not. With plans for several step counts, ``num_inference_steps`` (else the most steps) decides."""
         candidates, _ = self.plan_candidates()
         matching: dict[int, LeMiCaPlan] = {}
+        other_weights = ""  # why the first plan for this architecture was refused
         for steps, paths in sorted(candidates.items()):
             for path in paths:
                 plan = LeMiCaPlan.from_json(path)
-                if (plan.transformer_classes, plan.config_fingerprints) == identity[:2]:
+                if (plan.transformer_classes, plan.config_fingerprints) != (identity.transformer_classes,
+                                                                            identity.config_fingerprints):
+                    continue
+                difference = plan.weights_difference(identity.weights_signatures)
+                if difference is None:
                     matching.setdefault(steps, plan)
-        if not matching:
-            model = ", ".join(f"{name} {fingerprint}" for name, fingerprint in zip(*identity[:2]))
-            return None, (f"no LeMiCa plan with budget {self.budget} for this model ({model}) in "
-                          f"{', '.join(map(str, self.plan_folders()))}")
-        return matching[max(matching)], ""
+                elif not other_weights:
+                    other_weights = f"{os.fspath(path)}: {difference}"
+        if matching:
+            return matching[max(matching)], ""
+        model = ", ".join(f"{name} {fingerprint}" for name, fingerprint in
+                          zip(identity.transformer_classes, identity.config_fingerprints))
+        folders = ", ".join(map(str, self.plan_folders()))
+        if other_weights:
+            return None, (f"a LeMiCa plan with budget {self.budget} exists for this architecture ({model}) in "
+                          f"{folders}, but it was measured on other weights ({other_weights})")
+        return None, f"no LeMiCa plan with budget {self.budget} for this model ({model}) in {folders}"
 
 
 def shipped_plans_dir() -> Path:
@@ -198,7 +229,7 @@ class LeMiCaMethod(AccelMethod):
         self.plan = plan
         self.context = None
         self._spans: dict[str, SkippableSpan] = {}
-        self._pipeline_identity: tuple | None = None  # (classes, fingerprints, scheduler class)
+        self._pipeline_identity: PipelineIdentity | None = None
         self._steps_for: dict[int, frozenset[int]] = {}  # num_inference_steps -> steps to compute
         self._residuals: dict[tuple[str, str], Streams] = {}
         self._forced: dict[tuple[str, str], list[int]] = {}
@@ -209,11 +240,8 @@ class LeMiCaMethod(AccelMethod):
     def install(self, adapter) -> None:
         self.context = adapter.context
         transformers = adapter.transformers()
-        self._pipeline_identity = (
-            tuple(type(t).__name__ for t in transformers.values()),
-            tuple(config_fingerprint(t.config) for t in transformers.values()),
-            type(adapter.scheduler).__name__,
-        )
+        # Once, here: the weights signatures cost a host sync, which must never happen per step.
+        self._pipeline_identity = PipelineIdentity.of(adapter)
         if self.plan is None and self.config.fallback is not None:
             self.plan, reason = self.config.plan_for_model(self._pipeline_identity)
             if self.plan is None:
@@ -222,7 +250,8 @@ class LeMiCaMethod(AccelMethod):
         if self.plan is not None:
             with warnings.catch_warnings():  # only the model is checked now; the run-time check warns once
                 warnings.simplefilter("ignore", PlanWarning)
-                self.plan.validate_against(*self._pipeline_identity, self.plan.num_inference_steps)
+                self.plan.validate_against(**self._pipeline_identity._asdict(),
+                                           num_inference_steps=self.plan.num_inference_steps)
         adapter.context.on_new_generation(self._on_new_generation)
         try:
             for name, transformer in transformers.items():
@@ -266,7 +295,8 @@ class LeMiCaMethod(AccelMethod):
         if num_steps < 1:
             raise RuntimeError("vidaccel LeMiCa cannot tell how many steps this run has (no scheduler timesteps)")
         if self.plan is not None:
-            plan = self.plan.validate_against(*self._pipeline_identity, num_steps, allow_rescale=self.config.allow_rescale)
+            plan = self.plan.validate_against(**self._pipeline_identity._asdict(), num_inference_steps=num_steps,
+                                              allow_rescale=self.config.allow_rescale)
             steps = plan.computed_steps
         else:
             steps = self.config.computed_steps
