@@ -27,7 +27,7 @@ from fractions import Fraction
 from typing import Any
 
 from .solver import PlanSegment, PlanSolution
-from .weights_signature import checked_signature, signature_difference
+from .weights_signature import checked_signature, first_transformer_difference
 
 SCHEMA_NAME = "vidaccel.lemica-plan"
 SCHEMA_VERSION = 1
@@ -413,13 +413,13 @@ class LeMiCaPlan:
         if len(weights_signatures) != len(self.weights_signatures):
             raise ValueError(f"one weights signature per transformer is needed: the plan has "
                              f"{len(self.weights_signatures)}, got {len(weights_signatures)}")
-        several = len(self.transformer_classes) > 1
-        for index, (ours, theirs) in enumerate(zip(self.weights_signatures, weights_signatures)):
-            difference = signature_difference(ours, theirs)
-            if difference is not None:
-                which = f" (transformer {index + 1} of {len(self.transformer_classes)})" if several else ""
-                return f"{self.transformer_classes[index]}{which} (plan vs this pipeline: {difference})"
-        return None
+        first = first_transformer_difference(self.weights_signatures, weights_signatures)
+        if first is None:
+            return None
+        index, difference = first
+        count = len(self.transformer_classes)
+        which = f" (transformer {index + 1} of {count})" if count > 1 else ""
+        return f"{self.transformer_classes[index]}{which} (plan vs this pipeline: {difference})"
 
     def rescaled(self, num_inference_steps: int) -> LeMiCaPlan:
         """This plan stretched to another step count; the result has no measured segments.

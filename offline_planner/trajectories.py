@@ -32,7 +32,7 @@ from vidaccel.hooks import HookAttachment
 from vidaccel.presets import Preset
 
 from .plan_file import config_fingerprint
-from .weights_signature import signature_difference, weights_signatures
+from .weights_signature import first_transformer_difference, weights_signatures
 
 TRAJECTORY_SCHEMA = "vidaccel.dense-trajectory/1"
 RECORDING_HOOK = "vidaccel.offline_planner.record"
@@ -194,11 +194,8 @@ def _weights_difference(a: Mapping[str, Any], b: Mapping[str, Any]) -> str | Non
     ours, theirs = a[WEIGHTS_SIGNATURES_KEY], b[WEIGHTS_SIGNATURES_KEY]
     if len(ours) != len(theirs):
         return f"signatures of {len(ours)} vs {len(theirs)} transformers"
-    for index, (our_signature, their_signature) in enumerate(zip(ours, theirs)):
-        difference = signature_difference(our_signature, their_signature)  # None signatures (meta weights) match
-        if difference is not None:
-            return f"other weights in transformer {index + 1} ({difference})"
-    return None
+    first = first_transformer_difference(ours, theirs)
+    return None if first is None else f"other weights in transformer {first[0] + 1} ({first[1]})"
 
 
 def check_call_kwargs(call_kwargs: Mapping[str, Any]) -> None:

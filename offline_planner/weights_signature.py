@@ -113,6 +113,18 @@ def signature_difference(
     return None
 
 
+def first_transformer_difference(
+    ours: Sequence[Sequence[Sequence[Any]] | None], theirs: Sequence[Sequence[Sequence[Any]] | None]
+) -> tuple[int, str] | None:
+    """(index, difference) of the first transformer whose signatures differ, comparing one signature per
+    transformer on each side (equal counts), or None when all match."""
+    for index, (our_signature, their_signature) in enumerate(zip(ours, theirs)):
+        difference = signature_difference(our_signature, their_signature)  # None signatures (meta weights) match
+        if difference is not None:
+            return index, difference
+    return None
+
+
 def _name_at(names: Sequence[str], index: int) -> str:
     return repr(names[index]) if index < len(names) else "none"
 
