@@ -38,8 +38,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+# Appended, not prepended: the checkout's top-level ``kernels`` folder must not shadow HF's ``kernels`` package,
+# which transformers imports when it is installed (vidaccel itself maps the folder to ``vidaccel.kernels``).
 if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+    sys.path.append(str(REPO))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -215,6 +217,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--locality-videos", type=int, default=2)
     parser.add_argument("--locality-query-stride", type=int, default=1)
     parser.add_argument("--acceptance-out", type=Path, default=None, help="default: <log-dir>/acceptance.json")
+    parser.add_argument(
+        "--card-training-logs",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="--stage card: the training logs of the runs that made the shipped weights (default: <log-dir>/training_log.json)",
+    )
     parser.add_argument("--samples-out", type=Path, default=None, help="PNG strip of generated held-out clips")
     return parser.parse_args(argv)
 
@@ -1080,25 +1089,46 @@ def time_generation(pipe, sizes: ReferenceSizes, device: torch.device) -> dict[s
 LOCALITY_FACTOR = 1.5  # acceptance: attention mass within one frame at least this multiple of a uniform map's
 
 
-def write_model_card(assets_dir: Path, log_dir: Path, acceptance_path: Path) -> dict[str, Any]:
+def _repo_relative(path: Path) -> str:
+    path = path.resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+def _stage_summaries(log: dict[str, Any]) -> dict[str, Any]:
+    return {
+        name: {key: stage.get(key) for key in ("steps_done", "seconds", "batch", "lr")}
+        | {"final_loss": stage["curve"][-1]["loss"] if stage.get("curve") else None}
+        for name, stage in log["stages"].items()
+    }
+
+
+def write_model_card(
+    assets_dir: Path, log_dir: Path, acceptance_path: Path, training_logs: list[Path] | None = None
+) -> dict[str, Any]:
     """``model_card.json`` beside the weights: how they were trained and whether they passed acceptance.
 
     ``reference_pipeline`` warns when the card says the weights did not pass, so nobody mistakes numbers measured
-    on them for meaningful quality numbers.
+    on them for meaningful quality numbers. ``training_logs`` names the logs of the runs that produced the
+    shipped weights when they are not ``<log_dir>/training_log.json`` (e.g. a VAE run, a decoder fine-tune and a
+    transformer run kept under ``runs/<name>/``); each is summarised under its file name.
     """
-    card: dict[str, Any] = {
-        "training_log": "benchmarks/reference_training/training_log.json",
-        "acceptance": "benchmarks/reference_training/acceptance.json",
-    }
-    log_path = log_dir / "training_log.json"
-    if log_path.is_file():
-        stages = json.loads(log_path.read_text())["stages"]
-        card["training"] = {
-            name: {key: stage.get(key) for key in ("steps_done", "seconds", "batch", "lr")}
-            | {"final_loss": stage["curve"][-1]["loss"] if stage.get("curve") else None}
-            for name, stage in stages.items()
-        }
-        invocations = json.loads(log_path.read_text()).get("invocations", [])  # training runs only
+    card: dict[str, Any] = {"acceptance": _repo_relative(acceptance_path)}
+    logs = training_logs or [log_dir / "training_log.json"]
+    card["training_log"] = [_repo_relative(p) for p in logs] if training_logs else _repo_relative(logs[0])
+    invocations = []
+    for log_path in logs:
+        if not log_path.is_file():
+            if training_logs:
+                raise FileNotFoundError(f"training log {log_path} does not exist")
+            continue
+        log = json.loads(log_path.read_text())
+        summary = _stage_summaries(log)
+        if training_logs:
+            card.setdefault("training", {})[log_path.stem] = summary
+        else:
+            card["training"] = summary
+        invocations += log.get("invocations", [])  # training runs only
+    if invocations:
         card["trained_on"] = sorted({i.get("gpu") or i["device"] for i in invocations})
     # Shipped weights are often warm-started over several runs: summarise each run kept under runs/<name>/.
     runs = {}
@@ -1209,7 +1239,10 @@ def main(argv: list[str] | None = None) -> None:
         print(
             json.dumps(
                 write_model_card(
-                    args.assets_dir, args.log_dir, args.acceptance_out or args.log_dir / "acceptance.json"
+                    args.assets_dir,
+                    args.log_dir,
+                    args.acceptance_out or args.log_dir / "acceptance.json",
+                    args.card_training_logs,
                 ),
                 indent=1,
             )

@@ -1,7 +1,15 @@
 import os
+import sys
+from pathlib import Path
 
-import pytest
-import torch
+# `python -m pytest` puts the checkout's root on sys.path, where the top-level `kernels/` folder (installed as
+# `vidaccel.kernels`) would shadow Hugging Face's `kernels` package, which transformers >= 5.2x imports. The tests
+# import vidaccel as installed, so the root is not needed: drop it before anything imports transformers.
+_REPO = Path(__file__).resolve().parents[1]
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _REPO]
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Without a GPU the Triton kernels run in the interpreter, which reads TRITON_INTERPRET when the kernels are first
 # imported. Setting it here, before any test module imports them, gives every test the same kernels whatever
