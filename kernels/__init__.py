@@ -6,6 +6,15 @@ Exports resolve lazily: importing this package does not import Triton, so code t
 
 import importlib
 
+if __name__ == "kernels":
+    # Reached only when a vidaccel checkout's root is on sys.path (e.g. `python -m ...` run inside it): this folder
+    # then hides Hugging Face's `kernels` package, which transformers imports when it is installed.
+    raise ImportError(
+        f"{__file__} was imported as the top-level package 'kernels': the vidaccel checkout's root is on sys.path and "
+        "its kernels/ folder hides Hugging Face's 'kernels' package. Run from another directory (or use the "
+        "installed console scripts, e.g. .venv/bin/vidaccel), or remove the checkout root from PYTHONPATH."
+    )
+
 _EXPORTS = {
     "BlockLayout": "._block_layout",
     "block_sparse_attention": ".block_sparse_attention",
