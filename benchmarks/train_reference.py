@@ -1112,18 +1112,21 @@ def write_model_card(
     shipped weights when they are not ``<log_dir>/training_log.json`` (e.g. a VAE run, a decoder fine-tune and a
     transformer run kept under ``runs/<name>/``); each is summarised under its file name.
     """
-    card: dict[str, Any] = {"acceptance": _repo_relative(acceptance_path)}
+    explicit = bool(training_logs)
     logs = training_logs or [log_dir / "training_log.json"]
-    card["training_log"] = [_repo_relative(p) for p in logs] if training_logs else _repo_relative(logs[0])
+    card: dict[str, Any] = {
+        "acceptance": _repo_relative(acceptance_path),
+        "training_log": [_repo_relative(p) for p in logs],
+    }
     invocations = []
     for log_path in logs:
         if not log_path.is_file():
-            if training_logs:
+            if explicit:
                 raise FileNotFoundError(f"training log {log_path} does not exist")
             continue
         log = json.loads(log_path.read_text())
         summary = _stage_summaries(log)
-        if training_logs:
+        if explicit:
             card.setdefault("training", {})[log_path.stem] = summary
         else:
             card["training"] = summary
