@@ -56,7 +56,9 @@ class DemoServer:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "vidaccel.cli", "demo", "--tiny", "wan", "--steps", "2", "--device", "cpu",
                  "--threads", "1", "--port", str(self.port)],
-                cwd=REPOSITORY, stdout=log, stderr=subprocess.STDOUT, env=env)
+                # Not the checkout root: `python -m` puts the working directory on sys.path, and the checkout's
+                # kernels/ folder would then hide Hugging Face's `kernels` package that transformers imports.
+                cwd=log_path.parent, stdout=log, stderr=subprocess.STDOUT, env=env)
         self.work_dir: Path | None = None
 
     def log(self) -> str:
