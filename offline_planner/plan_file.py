@@ -421,6 +421,15 @@ class LeMiCaPlan:
         which = f" (transformer {index + 1} of {count})" if count > 1 else ""
         return f"{self.transformer_classes[index]}{which} (plan vs this pipeline: {difference})"
 
+    def rescaled_budget(self, num_inference_steps: int) -> int:
+        """How many steps this plan computes when rescaled to ``num_inference_steps``: the same share, rounded
+        half up, at least 1."""
+        _require_positive_int(num_inference_steps, "num_inference_steps")
+        if num_inference_steps == self.num_inference_steps:
+            return self.budget
+        return min(num_inference_steps,
+                   max(1, _round_half_up(self.budget * num_inference_steps, self.num_inference_steps)))
+
     def rescaled(self, num_inference_steps: int) -> LeMiCaPlan:
         """This plan stretched to another step count; the result has no measured segments.
 
@@ -430,11 +439,10 @@ class LeMiCaPlan:
         the same fraction of the budget, scaled to the new step count and rounded. Step 0 stays 0. When rounding
         merges steps, the longest reuse run is split at its middle until the count is reached.
         """
-        _require_positive_int(num_inference_steps, "num_inference_steps")
         old, new = self.num_inference_steps, num_inference_steps
+        target = self.rescaled_budget(new)
         if new == old:
             return self
-        target = min(new, max(1, _round_half_up(self.budget * new, old)))
         curve = [*self.computed_steps, old]
         steps = set()
         for k in range(target):

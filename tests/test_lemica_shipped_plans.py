@@ -149,3 +149,48 @@ def test_fallback_runs_where_the_only_plan_was_measured_on_other_weights(tmp_pat
                                          r"measured on other weights .*proj_out.weight.*running the fallback"):
         stats = run()
     assert stats["fallback"]["method"] == "dbcache" and "other weights" in stats["fallback"]["reason"]
+
+
+def _tiny_plan(pipe, steps: int, computed: tuple[int, ...], fingerprint: str | None = None):
+    from vidaccel.offline_planner.plan_file import PlanCreation, config_fingerprint
+    from vidaccel.offline_planner.weights_signature import weights_signature
+
+    transformer = pipe.transformer
+    return LeMiCaPlan(
+        transformer_classes=(type(transformer).__name__,),
+        config_fingerprints=(fingerprint or config_fingerprint(transformer.config),),
+        scheduler_class=type(pipe.scheduler).__name__, scheduler_config=dict(pipe.scheduler.config),
+        num_inference_steps=steps, height=32, width=32, num_frames=9, computed_steps=computed, error_metric=None,
+        segments=(), prompts=("a red circle",), creation=PlanCreation.now(["test"]),
+        weights_signatures=(weights_signature(transformer),),
+    )
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_rescaled_budget_prefers_a_plan_measured_for_the_run_step_count(tmp_path):
+    """Budget 6 of 12 run at 6 steps: the plan measured for 3 of 6 steps on this model wins over stretching; a
+    6-step plan made for another model is ignored, and the 12-step plan is stretched."""
+    from vidaccel.offline_planner.plan_file import plan_filename
+    from vidaccel.testing import tiny_call_kwargs, tiny_pipeline
+
+    pipe = tiny_pipeline("wan", num_layers=2)
+    pipe.set_progress_bar_config(disable=True)
+    _tiny_plan(pipe, 12, (0, 2, 4, 6, 8, 10)).to_json(tmp_path / plan_filename(12, 6))
+    config = LeMiCa(budget=6, num_inference_steps=12, allow_rescale=True, plans_dir=tmp_path)
+
+    def run(steps):
+        with vidaccel.apply(pipe, vidaccel.Preset(cache=config, name="planned")) as handle:
+            pipe(**{**tiny_call_kwargs("wan", steps=steps), "output_type": "latent"})
+            return handle.stats()["cache"]
+
+    _tiny_plan(pipe, 6, (0, 1, 3), fingerprint="another-model").to_json(tmp_path / plan_filename(6, 3))
+    stats = run(6)
+    assert stats["plan_steps"] == {"6": [0, 2, 4]}  # the stretch of (0, 2, ..., 10)
+    assert stats["plan_sources"]["6"].startswith("stretched from 6 of 12 steps")
+
+    _tiny_plan(pipe, 6, (0, 1, 3)).to_json(tmp_path / plan_filename(6, 3))
+    stats = run(6)
+    assert stats["plan_steps"] == {"6": [0, 1, 3]}
+    assert stats["plan_sources"] == {"6": "measured for 3 of 6 steps (lemica-6steps-3computed.json)"}
+    stats = run(12)
+    assert stats["plan_steps"] == {"12": [0, 2, 4, 6, 8, 10]} and stats["plan_sources"] == {}

@@ -60,7 +60,9 @@ class LeMiCa(MethodConfig):
     checked against the pipeline's transformers and step count (``allow_rescale`` stretches a plan made for
     another step count instead of refusing it); or ``budget``: the number of computed steps, taking the plan file
     for that budget from ``plans_dir`` (default: the plans shipped for the reference model; ``num_inference_steps``
-    picks among plans made for several step counts).
+    picks among plans made for several step counts). With ``budget`` and ``allow_rescale``, a run with another
+    step count uses the plan measured for this model at that step count with the same share of computed steps
+    (budget 12 of 50 -> 5 of 20) where the plan folders have one, and stretches the plan only where they do not.
 
     ``fallback`` (with ``budget``): the cache method to install instead when the plan folders hold no plan with
     that budget for this pipeline's model (a one-time warning says how to make one). The combined presets use it
@@ -195,13 +197,10 @@ class LeMiCa(MethodConfig):
         for steps, paths in sorted(candidates.items()):
             for path in paths:
                 plan = LeMiCaPlan.from_json(path)
-                if (plan.transformer_classes, plan.config_fingerprints) != (identity.transformer_classes,
-                                                                            identity.config_fingerprints):
-                    continue
-                difference = plan.weights_difference(identity.weights_signatures)
+                difference = _model_difference(plan, identity)
                 if difference is None:
                     matching.setdefault(steps, plan)
-                elif not other_weights:
+                elif difference and not other_weights:
                     other_weights = f"{os.fspath(path)}: {difference}"
         if matching:
             return matching[max(matching)], ""
@@ -212,6 +211,29 @@ class LeMiCa(MethodConfig):
             return None, (f"a LeMiCa plan with budget {self.budget} exists for this architecture ({model}) in "
                           f"{folders}, but it was measured on other weights ({other_weights})")
         return None, f"no LeMiCa plan with budget {self.budget} for this model ({model}) in {folders}"
+
+
+    def measured_plan(self, identity: PipelineIdentity, num_inference_steps: int,
+                      budget: int) -> tuple[LeMiCaPlan, Path] | None:
+        """A plan file in the plan folders measured for this model at ``num_inference_steps`` steps computing
+        ``budget`` of them (what a plan for another step count is rescaled to), or None."""
+        for folder in self.plan_folders():
+            for path in sorted(folder.glob("lemica-*steps-*computed.json")):
+                if parse_plan_filename(path.name) != (num_inference_steps, budget):
+                    continue
+                plan = LeMiCaPlan.from_json(path)
+                if _model_difference(plan, identity) is None:
+                    return plan, path
+        return None
+
+
+def _model_difference(plan: LeMiCaPlan, identity: PipelineIdentity) -> str | None:
+    """None when ``plan`` was made for the model ``identity``; "" for another architecture; else how the weights
+    differ."""
+    if (plan.transformer_classes, plan.config_fingerprints) != (identity.transformer_classes,
+                                                                identity.config_fingerprints):
+        return ""
+    return plan.weights_difference(identity.weights_signatures)
 
 
 def shipped_plans_dir() -> Path:
@@ -231,6 +253,7 @@ class LeMiCaMethod(AccelMethod):
         self._spans: dict[str, SkippableSpan] = {}
         self._pipeline_identity: PipelineIdentity | None = None
         self._steps_for: dict[int, frozenset[int]] = {}  # num_inference_steps -> steps to compute
+        self._plan_sources: dict[int, str] = {}  # num_inference_steps -> which plan, when not self.plan as is
         self._residuals: dict[tuple[str, str], Streams] = {}
         self._forced: dict[tuple[str, str], list[int]] = {}
         self.log = StepLog()
@@ -295,8 +318,13 @@ class LeMiCaMethod(AccelMethod):
         if num_steps < 1:
             raise RuntimeError("vidaccel LeMiCa cannot tell how many steps this run has (no scheduler timesteps)")
         if self.plan is not None:
-            plan = self.plan.validate_against(**self._pipeline_identity._asdict(), num_inference_steps=num_steps,
-                                              allow_rescale=self.config.allow_rescale)
+            plan = self._measured_plan_for(num_steps)
+            if plan is None:
+                plan = self.plan.validate_against(**self._pipeline_identity._asdict(), num_inference_steps=num_steps,
+                                                  allow_rescale=self.config.allow_rescale)
+                if plan is not self.plan:
+                    self._plan_sources[num_steps] = (f"stretched from {self.plan.budget} of "
+                                                     f"{self.plan.num_inference_steps} steps (not measured)")
             steps = plan.computed_steps
         else:
             steps = self.config.computed_steps
@@ -313,6 +341,19 @@ class LeMiCaMethod(AccelMethod):
                 )
         self._steps_for[num_steps] = frozenset(steps)
         return self._steps_for[num_steps]
+
+    def _measured_plan_for(self, num_steps: int) -> LeMiCaPlan | None:
+        """For a budget plan that may be rescaled: the plan measured for this model at ``num_steps`` with the
+        budget the rescale would give (e.g. 5 of 20 for 12 of 50), which beats stretching; None if there is none."""
+        config, plan = self.config, self.plan
+        if config.budget is None or not config.allow_rescale or num_steps == plan.num_inference_steps:
+            return None
+        found = config.measured_plan(self._pipeline_identity, num_steps, plan.rescaled_budget(num_steps))
+        if found is None:
+            return None
+        measured, path = found
+        self._plan_sources[num_steps] = f"measured for {measured.budget} of {num_steps} steps ({path.name})"
+        return measured
 
     # --- SpanOwner --------------------------------------------------------------------------------------------
     def residual_to_replay(self, span: SkippableSpan, span_input: Streams) -> Streams | None:
@@ -338,5 +379,6 @@ class LeMiCaMethod(AccelMethod):
         return {
             "config": self.config.to_dict(),
             "plan_steps": {str(n): sorted(steps) for n, steps in self._steps_for.items()},
+            "plan_sources": {str(n): source for n, source in self._plan_sources.items()},
             **self.log.to_dict(extra),
         }
