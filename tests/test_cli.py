@@ -70,3 +70,14 @@ def test_warm_up_silences_plan_warnings_of_its_short_run_only(monkeypatch):
         runner.generate(None, "a prompt")  # the timed run keeps its plan warnings
         assert PlanWarning in [type(w.message) for w in caught]
     assert calls[0] == {"height": 64, "num_inference_steps": 2}
+
+
+def test_generate_prints_the_step_plan_of_the_timed_run(tmp_path, capsys):
+    preset = tmp_path / "planned.json"
+    preset.write_text(json.dumps({"vidaccel_preset": 1, "name": "planned",
+                                  "cache": {"method": "lemica", "computed_steps": [0]}}))
+    assert main(["generate", "a red circle moves left", "--preset", str(preset), "--tiny", "wan", "--steps", "4",
+                 "--warmup-steps", "1", "--no-compare", "--out", str(tmp_path / "video.mp4")]) == 0
+    out = capsys.readouterr().out
+    assert "LeMiCa plan  1 of 4 steps computed (the given computed_steps)" in out
+    assert "of 1 steps" not in out  # not the warm-up's

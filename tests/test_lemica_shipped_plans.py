@@ -191,6 +191,7 @@ def test_rescaled_budget_prefers_a_plan_measured_for_the_run_step_count(tmp_path
     _tiny_plan(pipe, 6, (0, 1, 3)).to_json(tmp_path / plan_filename(6, 3))
     stats = run(6)
     assert stats["plan_steps"] == {"6": [0, 1, 3]}
-    assert stats["plan_sources"] == {"6": "measured for 3 of 6 steps (lemica-6steps-3computed.json)"}
+    assert stats["plan_sources"] == {"6": "plan measured for 6 steps (lemica-6steps-3computed.json)"}
     stats = run(12)
-    assert stats["plan_steps"] == {"12": [0, 2, 4, 6, 8, 10]} and stats["plan_sources"] == {}
+    assert stats["plan_steps"] == {"12": [0, 2, 4, 6, 8, 10]}
+    assert stats["plan_sources"] == {"12": "plan measured for 12 steps"}

@@ -253,7 +253,7 @@ class LeMiCaMethod(AccelMethod):
         self._spans: dict[str, SkippableSpan] = {}
         self._pipeline_identity: PipelineIdentity | None = None
         self._steps_for: dict[int, frozenset[int]] = {}  # num_inference_steps -> steps to compute
-        self._plan_sources: dict[int, str] = {}  # num_inference_steps -> which plan, when not self.plan as is
+        self._plan_sources: dict[int, str] = {}  # num_inference_steps -> where its step set came from
         self._residuals: dict[tuple[str, str], Streams] = {}
         self._forced: dict[tuple[str, str], list[int]] = {}
         self.log = StepLog()
@@ -322,13 +322,14 @@ class LeMiCaMethod(AccelMethod):
             if plan is None:
                 plan = self.plan.validate_against(**self._pipeline_identity._asdict(), num_inference_steps=num_steps,
                                                   allow_rescale=self.config.allow_rescale)
-                if plan is not self.plan:
-                    self._plan_sources[num_steps] = (f"stretched from {self.plan.budget} of "
-                                                     f"{self.plan.num_inference_steps} steps (not measured)")
+                self._plan_sources[num_steps] = (
+                    f"plan measured for {num_steps} steps" if plan is self.plan else
+                    f"stretched from {self.plan.budget} of {self.plan.num_inference_steps} steps (not measured)")
             steps = plan.computed_steps
         else:
             steps = self.config.computed_steps
             planned = self.config.num_inference_steps
+            self._plan_sources[num_steps] = "the given computed_steps"
             if planned is not None and planned != num_steps:
                 raise PlanMismatchError(
                     f"LeMiCa computed_steps {list(steps)} were chosen for {planned} steps; this run has {num_steps} "
@@ -352,7 +353,7 @@ class LeMiCaMethod(AccelMethod):
         if found is None:
             return None
         measured, path = found
-        self._plan_sources[num_steps] = f"measured for {measured.budget} of {num_steps} steps ({path.name})"
+        self._plan_sources[num_steps] = f"plan measured for {num_steps} steps ({path.name})"
         return measured
 
     # --- SpanOwner --------------------------------------------------------------------------------------------

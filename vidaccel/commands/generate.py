@@ -84,7 +84,19 @@ def run(args: argparse.Namespace) -> int:
             f"LPIPS        {lpips}",
             f"side by side {side}",
         ]
+    lines += _plan_lines(result["stats"], result["call"].get("num_inference_steps"))
     print("\n".join(lines))
     if args.json:
         Path(args.json).write_text(json.dumps(json_safe(result), indent=2, default=str))
     return 0
+
+
+def _plan_lines(stats: dict, num_steps: int | None) -> list[str]:
+    """The LeMiCa step plan of the timed run (not the warm-up's): steps computed and where the plan came from."""
+    cache = stats.get("cache") or {}
+    steps = cache.get("plan_steps", {}).get(str(num_steps))
+    if steps is None:
+        return []
+    source = cache.get("plan_sources", {}).get(str(num_steps), "")
+    return [f"LeMiCa plan  {len(steps)} of {num_steps} steps computed" + (f" ({source})" if source else "")]
+
