@@ -40,8 +40,8 @@ def test_budget_plan_runs_on_the_reference_model():
 
 
 def test_missing_budget_names_the_available_ones(tmp_path):
-    with pytest.raises(ValueError, match=r"no LeMiCa plan with budget 7 .*available: 9 of 50 steps, 10 of 50 steps.*vidaccel plan"):
-        LeMiCa(budget=7).build()
+    with pytest.raises(ValueError, match=r"no LeMiCa plan with budget 3 .*available: 4 of 20 steps, .*9 of 50 steps, 10 of 50 steps.*vidaccel plan"):
+        LeMiCa(budget=3).build()
     with pytest.raises(ValueError, match="available: none"):
         LeMiCa(budget=10, plans_dir=tmp_path).build()
 

@@ -78,3 +78,12 @@ def test_generation_is_deterministic(pipe):
     assert torch.isfinite(first).all()
     assert torch.equal(first, second)
     assert not torch.equal(first, other)
+
+
+def test_top_level_helper_is_the_reference_loader():
+    import vidaccel
+
+    assert vidaccel.reference_pipeline is reference_pipeline
+    assert "reference_pipeline" in vidaccel.__all__
+    with pytest.raises(AttributeError, match="no attribute 'reference_pipelines'"):
+        vidaccel.reference_pipelines  # noqa: B018

@@ -18,8 +18,18 @@ from .text_encoder import TextEncoderQuant
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # The reference model's loader pulls in its text-encoder wrapper; load it on first use only.
+    if name == "reference_pipeline":
+        from .reference import reference_pipeline
+
+        return reference_pipeline
+    raise AttributeError(f"module 'vidaccel' has no attribute {name!r}")
+
+
 __all__ = [
     "AccelHandle", "AlreadyAcceleratedError", "DBCache", "DenseAttention", "LeMiCa", "Preset", "RadialAttention",
     "SVG2Attention", "TextEncoderQuant", "UnsupportedPipelineError", "active_handle", "apply", "list_presets",
-    "load_preset_file", "save_preset_file", "__version__",
+    "load_preset_file", "reference_pipeline", "save_preset_file", "__version__",
 ]

@@ -237,7 +237,7 @@ def _model_difference(plan: LeMiCaPlan, identity: PipelineIdentity) -> str | Non
 
 
 def shipped_plans_dir() -> Path:
-    """LeMiCa plans shipped with the reference model (made on an H100 with `vidaccel plan --reference`)."""
+    """LeMiCa plans shipped with the reference model (measured with `vidaccel plan --reference`, 20 and 50 steps)."""
     from ..reference.pipeline import reference_asset_dir
 
     return reference_asset_dir() / "lemica"
