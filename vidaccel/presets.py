@@ -85,7 +85,8 @@ class Preset:
 # Wan 2.2 and its two experts: DBCache warm-up counts the calls of each expert and CFG branch, and the
 # high-noise expert serves only the first ~1/8 of the steps, so its warm-up is shorter.
 _INT8_TEXT = {"method": "text_encoder_quant", "format": "int8"}
-_PLAN_STEPS = 50  # the step count the budgets refer to; other step counts stretch the plan (allow_rescale)
+_PLAN_STEPS = 50  # the step count the budgets refer to; other step counts take the measured plan of equal error
+# (or stretch the plan where none was measured; allow_rescale)
 
 
 def _planned(budget: int, fallback: dict[str, Any]) -> dict[str, Any]:
