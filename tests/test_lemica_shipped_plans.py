@@ -170,7 +170,8 @@ def _tiny_plan(pipe, steps: int, computed: tuple[int, ...], fingerprint: str | N
         config_fingerprints=(fingerprint or config_fingerprint(transformer.config),),
         scheduler_class=type(pipe.scheduler).__name__, scheduler_config=dict(pipe.scheduler.config),
         num_inference_steps=steps, height=32, width=32, num_frames=9, computed_steps=computed,
-        error_metric=None if errors is None else "relative_l1", segments=segments, prompts=("a red circle",), creation=PlanCreation.now(["test"]),
+        error_metric=None if errors is None else "relative_l1", segments=segments, prompts=("a red circle",),
+        creation=PlanCreation.now(["test"]),
         weights_signatures=(weights_signature(transformer),),
     )
 

@@ -16,7 +16,7 @@ import dataclasses
 import os
 import warnings
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 from ..method import AccelMethod, MethodConfig
 from ..offline_planner.plan_file import (LeMiCaPlan, PlanMismatchError, PlanWarning, config_fingerprint,
@@ -160,16 +160,19 @@ class LeMiCa(MethodConfig):
         budget) pair found in the plan folders."""
         candidates: dict[int, list[Path]] = {}
         found = []
+        for path, steps, budget in self._plan_files():
+            found.append((steps, budget))
+            if budget == self.budget and self.num_inference_steps in (None, steps):
+                candidates.setdefault(steps, []).append(path)
+        return candidates, sorted(set(found))
+
+    def _plan_files(self) -> Iterator[tuple[Path, int, int]]:
+        """(path, step count, budget) of every plan file in the plan folders, named as `vidaccel plan` writes them."""
         for folder in self.plan_folders():
             for path in sorted(folder.glob("lemica-*steps-*computed.json")):
                 parsed = parse_plan_filename(path.name)
-                if parsed is None:
-                    continue
-                found.append(parsed)
-                steps, budget = parsed
-                if budget == self.budget and self.num_inference_steps in (None, steps):
-                    candidates.setdefault(steps, []).append(path)
-        return candidates, sorted(set(found))
+                if parsed is not None:
+                    yield path, *parsed
 
     def plan_for_budget(self) -> str:
         """The plan file for ``budget`` in the plan folders (named as `vidaccel plan` writes them)."""
@@ -218,14 +221,12 @@ class LeMiCa(MethodConfig):
         """Every plan file in the plan folders measured for this model at ``num_inference_steps`` steps (any
         budget; the first folder wins for a budget found in several), fewest computed steps first."""
         found: dict[int, tuple[LeMiCaPlan, Path]] = {}
-        for folder in self.plan_folders():
-            for path in sorted(folder.glob("lemica-*steps-*computed.json")):
-                parsed = parse_plan_filename(path.name)
-                if parsed is None or parsed[0] != num_inference_steps or parsed[1] in found:
-                    continue
-                plan = LeMiCaPlan.from_json(path)
-                if _model_difference(plan, identity) is None:
-                    found[plan.budget] = (plan, path)
+        for path, steps, budget in self._plan_files():
+            if steps != num_inference_steps or budget in found:
+                continue
+            plan = LeMiCaPlan.from_json(path)
+            if _model_difference(plan, identity) is None:
+                found[plan.budget] = (plan, path)
         return [found[budget] for budget in sorted(found)]
 
 
@@ -359,8 +360,8 @@ class LeMiCaMethod(AccelMethod):
             return None
         measured = config.measured_plans(self._pipeline_identity, num_steps)
         target = plan.sum_error
-        comparable = [(m, path) for m, path in measured
-                      if target is not None and m.error_metric == plan.error_metric and m.sum_error is not None]
+        comparable = [] if target is None else [(m, path) for m, path in measured
+                                                if m.error_metric == plan.error_metric and m.sum_error is not None]
         reference = f"{plan.budget} of {plan.num_inference_steps} steps"
         if comparable:
             fitting = [(m, path) for m, path in comparable if m.sum_error <= target]
