@@ -30,14 +30,17 @@ import torch
 
 import vidaccel
 from vidaccel.metrics import json_safe, psnr, ssim
+from vidaccel.presets import candidate_preset
 from vidaccel.reference import data
 from vidaccel.runner import LoadedPipeline, accelerated, generate, load_pipeline
 
-# Candidates around the floors on the reference model v13 (8 captions on CPU: 14/16/18/20/22 of 50 steps gave
-# 22.1/26.1/27.7/29.2/30.6 dB); every budget here has a measured 50-step plan in assets/reference/lemica.
-CALIBRATION_BUDGETS = (14, 15, 16, 18, 20, 22, 25)
-CALIBRATION_RADIAL_BUDGETS = (16, 20)
-CALIBRATION_LATE_RADIAL = ((15, 0.5), (16, 0.5), (16, 0.7), (18, 0.5), (18, 0.7))
+# Candidates around the floors (25 / 28 / 32 dB) on the reference model v13. A first H100 run over 16 captions
+# (LeMiCa alone, no int8 text encoder; results/preset_calibration_v13_2026-12-05.json) gave 16/18/20/22/25 of 50
+# steps 24.9/26.3/28.0/29.8/31.9 dB; every budget here has a 50-step plan in assets/reference/lemica.
+CALIBRATION_BUDGETS = (17, 18, 19, 21, 22, 26, 27, 28)
+CALIBRATION_LATE_RADIAL = ((17, 0.5), (18, 0.5), (19, 0.5))
+# int8 cost ~2 dB at every budget there (22 of 50: 28.1 with, 29.8 dB without): quality candidates without it.
+CALIBRATION_FULL_TEXT_ENCODER = (26, 27)
 
 
 @contextmanager
@@ -119,24 +122,16 @@ def configurations(args, steps: int) -> dict[str, Callable[[Any], Any]]:
         for top_p in (0.95, 0.9, 0.8):
             add("svg2", f"svg2 top_p {top_p}", lambda pipe, p=top_p: vidaccel_preset(
                 pipe, vidaccel.Preset(attention=svg2(top_p=p), name="svg2")))
-    # Candidates for the combined presets: a LeMiCa plan alone, and with Radial on the computed steps after its dense
-    # warm-up (the authors' settings).
+    # Candidates for the combined presets, each built exactly as a preset would be (LeMiCa plan + int8 text
+    # encoder): a plan alone, and with Radial on the computed steps after a dense warm-up.
     for budget in CALIBRATION_BUDGETS:
-        for radial in (False, True):
-            if radial and budget not in CALIBRATION_RADIAL_BUDGETS:
-                continue
-            attention = vidaccel.RadialAttention(dense_warmup=0.25, dense_layers=1) if radial else None
-            add("calibration", f"lemica {budget}/{steps}" + (" + radial" if radial else ""),
-                lambda pipe, b=budget, a=attention: vidaccel_preset(pipe, vidaccel.Preset(
-                    attention=a, cache=vidaccel.LeMiCa(budget=b, num_inference_steps=50, allow_rescale=True),
-                    name="candidate")))
-    # Radial only after a longer dense warm-up (the late computed steps), for the fast preset.
+        add("calibration", f"candidate {budget}/50", lambda pipe, b=budget: vidaccel_preset(pipe, candidate_preset(b)))
+    for budget in CALIBRATION_FULL_TEXT_ENCODER:
+        add("calibration-fp", f"candidate {budget}/50, text encoder as loaded",
+            lambda pipe, b=budget: vidaccel_preset(pipe, candidate_preset(b, int8_text_encoder=False)))
     for budget, warmup in CALIBRATION_LATE_RADIAL:
-        attention = vidaccel.RadialAttention(dense_warmup=warmup, dense_layers=1) if warmup is not None else None
-        add("calibration-late", f"lemica {budget}/{steps}" + (f" + radial warmup {warmup}" if attention else ""),
-            lambda pipe, b=budget, a=attention: vidaccel_preset(pipe, vidaccel.Preset(
-                attention=a, cache=vidaccel.LeMiCa(budget=b, num_inference_steps=50, allow_rescale=True),
-                name="candidate")))
+        add("calibration-late", f"candidate {budget}/50 + radial after {warmup}",
+            lambda pipe, b=budget, w=warmup: vidaccel_preset(pipe, candidate_preset(b, w)))
     for preset in ("quality", "balanced", "fast"):
         if preset in vidaccel.list_presets():
             add("presets", f"preset {preset}", lambda pipe, p=preset: vidaccel_preset(pipe, p))
@@ -150,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="default: the reference model's 50")
     parser.add_argument("--plans-dir", default=None, help="LeMiCa plan files to evaluate")
     parser.add_argument("--only", default=None, help="comma list of families: lemica,dbcache,fbcache,cache-dit,"
-                                                      "radial,svg2,calibration,calibration-late,presets")
+                                                      "radial,svg2,calibration,calibration-fp,calibration-late,presets")
     parser.add_argument("--device", default=None)
     parser.add_argument("--deadline-seconds", type=float, default=None, help="start no configuration after this")
     parser.add_argument("--tiny", default=None, help="a tiny pipeline kind instead of the reference (smoke test)")

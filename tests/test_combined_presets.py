@@ -92,8 +92,11 @@ def test_each_combined_preset_runs_batch_two_cfg_and_remove_restores(kind, tiny_
             assert measured_attention_calls(handle) == expected_attention_calls(handle, steps=4), name
             cache = stats["cache"]
             assert cache["computed"] + cache["cached"] == transformer_calls(handle)  # every call logged once
-            encoders = [entry for entry in stats["text_encoder"].values() if isinstance(entry, dict)]
-            assert encoders and all(entry["quantized_linear_layers"] > 0 for entry in encoders)
+            if handle.preset.text_encoder is None:  # quality keeps the text encoder as loaded
+                assert "text_encoder" not in stats, name
+            else:
+                encoders = [entry for entry in stats["text_encoder"].values() if isinstance(entry, dict)]
+                assert encoders and all(entry["quantized_linear_layers"] > 0 for entry in encoders)
         assert out.shape == stock.shape and torch.isfinite(out).all(), (kind, name)
         torch.testing.assert_close(run(pipe, kind, batch=2), stock, rtol=0, atol=0)  # exact dense again
 
@@ -220,3 +223,13 @@ def test_composed_seconds_counts_dense_sparse_and_skipped_calls():
     # 6 steps, computed 0, 3, 5; warm-up 4 steps: 0 and 3 dense, 5 sparse, 1, 2, 4 skipped; two calls per step
     assert bench.composed_seconds((0, 3, 5), 6, 4, 100.0, 40.0, 1.0) == pytest.approx(2 * (200 + 40 + 3) / 1000)
     assert bench.composed_seconds((0, 3, 5), 6, None, 100.0, None, 1.0) == pytest.approx(2 * 303 / 1000)
+
+
+def test_candidate_preset_is_built_like_the_shipped_presets():
+    from vidaccel.presets import candidate_preset
+
+    assert candidate_preset(22, name="balanced") == resolve_preset("balanced", family="wan")
+    fast, shipped_fast = candidate_preset(19, 0.5, name="fast"), resolve_preset("fast", family="wan")
+    assert (fast.attention, fast.text_encoder, fast.cache.budget) == (
+        shipped_fast.attention, shipped_fast.text_encoder, shipped_fast.cache.budget)
+    assert candidate_preset(27, int8_text_encoder=False).text_encoder is None
