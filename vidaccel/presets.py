@@ -68,10 +68,9 @@ class Preset:
 
 
 # --- combined presets -----------------------------------------------------------------------------------------
-# A LeMiCa step plan (the cache with the best quality per computed step we measured), int8 text encoder (balanced,
-# fast), and for
-# "fast" Radial attention on the late computed steps. Families: "wan" (Wan 2.1 T2V/I2V), "wan2.2" (two experts),
-# "hunyuan", "cogvideox" (see `preset_family`). Every number of a combined preset lives in this one table, in the
+# A LeMiCa step plan (the cache with the best quality per computed step we measured), an int8 text encoder for
+# "balanced" and "fast", and for "fast" Radial attention on the late computed steps. Families: "wan" (Wan 2.1
+# T2V/I2V), "wan2.2" (two experts), "hunyuan", "cogvideox" (see `preset_family`). Every number of a combined preset lives in this one table, in the
 # preset-file format (`vidaccel.preset_files`).
 #
 # Where the numbers come from (benchmarks/RESULTS.md, "Preset recalibration on v13"): on the reference model v13,
