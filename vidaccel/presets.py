@@ -70,14 +70,14 @@ class Preset:
 # --- combined presets -----------------------------------------------------------------------------------------
 # A LeMiCa step plan (the cache with the best quality per computed step we measured), an int8 text encoder for
 # "balanced" and "fast", and for "fast" Radial attention on the late computed steps. Families: "wan" (Wan 2.1
-# T2V/I2V), "wan2.2" (two experts), "hunyuan", "cogvideox" (see `preset_family`). Every number of a combined preset lives in this one table, in the
-# preset-file format (`vidaccel.preset_files`).
+# T2V/I2V), "wan2.2" (two experts), "hunyuan", "cogvideox" (see `preset_family`). Every number of a combined
+# preset lives in this one table, in the preset-file format (`vidaccel.preset_files`).
 #
 # Where the numbers come from (benchmarks/RESULTS.md, "Preset recalibration on v13"): on the reference model v13,
 # 16 held-out captions, 50 steps, PSNR vs dense, each candidate built exactly as the preset
 # (results/preset_candidates*_v13_2026-12-05.json): quality = plan 27/50 with the text encoder as loaded
 # (33.1 dB; 26/50 gave 32.4), balanced = 22/50 + int8 (28.1 dB; 21/50 27.7), fast = 19/50 + int8 + Radial after
-# half of the steps (25.5 dB; 18/50 so 25.2): the smallest budgets whose mean clears the floors (32 / 28 / 25 dB)
+# half of the steps (25.5 dB; 18/50 with Radial 25.2): the smallest budgets whose mean clears the floors (32 / 28 / 25 dB)
 # with a margin. Radial after the authors' 25% dense warm-up cost 0.8-2.2 dB on top of a plan there, so
 # only "fast" uses it, and only after half of the steps. A plan belongs to one model: the reference model's
 # plans ship with vidaccel; for other models `vidaccel plan` makes them (found through $VIDACCEL_PLANS_DIR). Where
@@ -105,7 +105,7 @@ _FALLBACKS = {
 _WARMUP_WAN22 = {"quality": 4, "balanced": 3, "fast": 2}
 _BUDGETS = {"quality": 27, "balanced": 22, "fast": 19}
 # int8 costs about 2 dB of PSNR vs dense on the reference model at every budget (its text embeddings move the
-# whole trajectory), which no plan under 28 of 50 steps makes up above quality's 32 dB floor: quality keeps the
+# whole trajectory), which no plan up to 28 of 50 steps makes up above quality's 32 dB floor: quality keeps the
 # text encoder as loaded.
 _TEXT_ENCODERS = {"quality": None, "balanced": _INT8_TEXT, "fast": _INT8_TEXT}
 
