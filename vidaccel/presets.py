@@ -77,8 +77,8 @@ class Preset:
 # 16 held-out captions, 50 steps, PSNR vs dense, each candidate built exactly as the preset
 # (results/preset_candidates*_v13_2026-12-05.json): quality = plan 27/50 with the text encoder as loaded
 # (33.1 dB; 26/50 gave 32.4), balanced = 22/50 + int8 (28.1 dB; 21/50 27.7), fast = 19/50 + int8 + Radial after
-# half of the steps (25.5 dB; 18/50 with Radial 25.2): the smallest budgets whose mean clears the floors (32 / 28 / 25 dB)
-# with a margin. Radial after the authors' 25% dense warm-up cost 0.8-2.2 dB on top of a plan there, so
+# half of the steps (25.5 dB; 18/50 with Radial 25.2): the smallest budgets whose mean clears the floors
+# (32 / 28 / 25 dB) with a margin. Radial after the authors' 25% dense warm-up cost 0.8-2.2 dB on top of a plan there, so
 # only "fast" uses it, and only after half of the steps. A plan belongs to one model: the reference model's
 # plans ship with vidaccel; for other models `vidaccel plan` makes them (found through $VIDACCEL_PLANS_DIR). Where
 # no plan fits, the fallback DBCache runs: thresholds from the same reference-model sweep of DBCache F1B0
