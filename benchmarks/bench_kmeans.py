@@ -207,6 +207,25 @@ def run_shape(name, shape, args, km, cp, on_gpu, device, dtype, log):
                 f"agree {rec['checks'][f'assign_{tag}_agree_fraction']:.4f}, gap {gap.max().item():.2e}")
     section("assign", assign)
 
+    def assign_variants():
+        # Every tuning candidate on its own (explicit launches: includes Triton's Python dispatch per call).
+        if not on_gpu:
+            return
+        rec["assign_variants"] = []
+        for tag, x, cent, C in (("q", qh, state["cq"], Cq), ("k", kh, state["ck"], Ck)):
+            tuned = state.get(f"labels_{tag}")
+            for bn, bc, warps, stages in km.ASSIGN_TUNING_CANDIDATES:
+                blocks = {"BLOCK_N": bn, "BLOCK_C": bc}
+                call = lambda: km._assign_triton(x, cent, blocks=blocks, num_warps=warps,  # noqa: E731
+                                                 num_stages=stages)
+                ms = time_ms(call, on_gpu=on_gpu)
+                same = bool(torch.equal(call(), tuned)) if tuned is not None else None
+                rec["assign_variants"].append({"tag": tag, "clusters": C, "block_n": bn, "block_c": bc,
+                                               "num_warps": warps, "num_stages": stages,
+                                               "ms": ms, "labels_equal_autotuned": same})
+                log(f"[{name}] assign {tag} C={C} {blocks} w{warps} s{stages}: {ms:.3f} ms, labels equal {same}")
+    section("assign_variants", assign_variants)
+
     def update():
         for tag, x, C in (("q", qh, Cq), ("k", kh, Ck)):
             labels = state.get(f"labels_{tag}")
@@ -286,6 +305,18 @@ def run_shape(name, shape, args, km, cp, on_gpu, device, dtype, log):
         t["cluster_permutation_k"] = time_ms(lambda: cp.cluster_permutation(lk, Ck), on_gpu=on_gpu)
         pq, pk = cp.cluster_permutation(lq, Cq), cp.cluster_permutation(lk, Ck)
         state["pq"], state["pk"] = pq, pk
+
+        # The labels' stable sort alone: per row (segmented), or once over the flat keys row * C + label.
+        def sort_flat(labels, C):
+            rows = torch.arange(B * H, device=labels.device, dtype=torch.int32).view(B, H, 1)
+            keys, order = torch.sort((labels + rows * C).view(-1), stable=True)
+            return keys.view(B, H, N) - rows * C, order.view(B, H, N) - rows.long() * N
+        t["sort_rows_k"] = time_ms(lambda: torch.sort(lk, dim=-1, stable=True), on_gpu=on_gpu)
+        t["sort_flat_k"] = time_ms(lambda: sort_flat(lk, Ck), on_gpu=on_gpu)
+        rec["checks"]["sort_flat_equals_rows"] = bool(torch.equal(sort_flat(lk, Ck)[1],
+                                                                  torch.sort(lk, dim=-1, stable=True)[1]))
+        log(f"[{name}] label sort k: rows {t['sort_rows_k']:.3f} ms, flat {t['sort_flat_k']:.3f} ms, equal "
+            f"{rec['checks']['sort_flat_equals_rows']}")
         t["permute_qkv_one_launch"] = time_ms(lambda: cp.permute_qkv(q, k, v, pq.order, pk.order), on_gpu=on_gpu)
         t["permute_tokens_x3"] = time_ms(lambda: (cp.permute_tokens(q, pq.order), cp.permute_tokens(k, pk.order),
                                                   cp.permute_tokens(v, pk.order)), on_gpu=on_gpu)

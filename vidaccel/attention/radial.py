@@ -13,8 +13,8 @@ Block layout. The sink frame and the text keys become exact ``dense_kv_ranges`` 
 rounding). For the rest, each (query block, key block) pair gets in O(1) the number of its video token pairs the
 rule keeps (a closed-form count of lattice points in a band, per frame piece of each block), and is visited when
   * it holds any near-frame pair (d <= dense_near_frames: local motion is never cut), or
-  * the kept fraction of its video token area is >= ``keep_threshold`` (default 0.5: a band block counts when
-    most of it lies inside the band).
+  * the kept fraction of its video token area is >= ``keep_threshold`` (default 0.4: a band block counts when
+    a large part of it lies inside the band).
 Query blocks holding any text token visit every key block. Blocks lying wholly inside a dense range are left to
 the range pass. Everything is vectorised over block pairs on the target device: O(blocks^2), never O(tokens^2).
 Results are cached (LRU) by (token layout, settings, device).

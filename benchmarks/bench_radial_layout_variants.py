@@ -1,0 +1,145 @@
+"""Where the Radial layout loses speed against its density: the same kernel on layout variants, same run.
+
+Is the Radial layout slower per visited block than other layouts of its size (its sink range pass, its uneven rows,
+its locality)? This times, per shape and per tile configuration, in one run:
+  * ``radial``: the shipped plan (layout blocks + the first-frame sink as an exact dense key range);
+  * ``radial_sink_blocks``: the sink as whole layout blocks (the key blocks touching frame 0, as the authors'
+    block-quantised mask keeps it) and no range pass;
+  * ``shuffled``: per query block, the same number of key blocks as ``radial_sink_blocks`` at random columns
+    (same work and row imbalance, no locality);
+  * ``uniform``: every query block the mean count of ``radial_sink_blocks`` at random columns (no imbalance);
+  * ``uniform_0.30``: every query block 30% of the key blocks at random columns (the kernel at ~30% density);
+  * full density,
+against cuDNN dense SDPA. JSON records carry the usual fields. Answer on an H200 (RESULTS.md, 2026-12-06): no;
+every layout runs at 0.90-0.93 of cuDNN's rate per visited pair.
+
+    python benchmarks/bench_radial_layout_variants.py --out results/radial_layout_variants_2026-12-06.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_attention_kernel import SHAPES, _import_project, time_ms  # noqa: E402
+
+
+def _with_sink_blocks(bsa, layout, tokens_per_frame):
+    mask = layout.block_mask().clone()
+    sink_blocks = -(-tokens_per_frame // layout.block_n)
+    mask[..., :sink_blocks] = True
+    return bsa.BlockLayout.from_block_mask(mask, layout.block_m, layout.block_n, q_len=layout.q_len,
+                                           kv_len=layout.kv_len)
+
+
+def _random_layout(bsa, counts, layout, generator):
+    """Per query block `counts[i]` distinct random key blocks."""
+    nk = layout.num_kv_blocks
+    scores = torch.rand(counts.shape[0], nk, generator=generator, device=counts.device)
+    ranks = scores.argsort(-1).argsort(-1)
+    mask = ranks < counts[:, None]
+    return bsa.BlockLayout.from_block_mask(mask.unsqueeze(0), layout.block_m, layout.block_n, q_len=layout.q_len,
+                                           kv_len=layout.kv_len)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--shapes", default="wan1.3b_480p_81f,wan14b_720p_81f")
+    parser.add_argument("--budget-s", type=float, default=1e9)
+    parser.add_argument("--variants", default=None, help="comma list of variants to time (default: all)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("needs a CUDA GPU")
+    bsa, radial = _import_project()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    t0 = time.time()
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    device_name = torch.cuda.get_device_name()
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    records, lines = [], []
+
+    def log(msg):
+        line = f"[{time.time() - t0:7.1f}s] {msg}"
+        print(line, flush=True)
+        lines.append(line)
+
+    def save():
+        out_path.write_text(json.dumps(records, indent=1))
+        out_path.with_suffix(".log").write_text("\n".join(lines) + "\n")
+
+    configs = [c for c in bsa._TUNING_CANDIDATES if c.use_tma][:3]
+    for name in args.shapes.split(","):
+        if time.time() - t0 > args.budget_s:
+            log(f"budget reached, skipping {name}")
+            continue
+        B, H, D, grid, text, text_pos, sink = SHAPES[name]
+        token_layout = radial.TokenLayout(*grid, text_tokens=text, text_position=text_pos)
+        S = token_layout.total_tokens
+        q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        shape = {"name": name, "batch": B, "heads": H, "tokens": S, "head_dim": D, "dtype": "bfloat16",
+                 "grid": list(grid)}
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            cudnn_ms = time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+        log(f"{name}: cuDNN {cudnn_ms:.3f} ms")
+        plan = radial.radial_block_layout(token_layout, attention_sink=sink, device="cuda")
+        sink_layout = _with_sink_blocks(bsa, plan.layout, token_layout.tokens_per_frame)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        counts = sink_layout.kv_block_counts[0].long()
+        uniform = torch.full_like(counts, int(round(float(counts.float().mean()))))
+        variants = {
+            "full": (bsa.BlockLayout.dense(S, S, 128, device="cuda"), ()),
+            "radial": (plan.layout, plan.dense_kv_ranges),
+            "radial_sink_blocks": (sink_layout, ()),
+            "shuffled": (_random_layout(bsa, counts, sink_layout, gen), ()),
+            "uniform": (_random_layout(bsa, uniform, sink_layout, gen), ()),
+            "uniform_0.30": (_random_layout(bsa, torch.full_like(counts, round(0.30 * sink_layout.num_kv_blocks)),
+                                            sink_layout, gen), ()),
+        }
+        for variant, (layout, ranges) in variants.items():
+            if args.variants and variant not in args.variants.split(","):
+                continue
+            density = layout.effective_density(ranges)
+            per_row = layout.kv_block_counts.float()
+            for cfg in [None, *configs]:
+                if time.time() - t0 > args.budget_s:
+                    break
+                if cfg is None:
+                    call = lambda: bsa.block_sparse_attention(q, k, v, layout, dense_kv_ranges=ranges)  # noqa: E731
+                else:
+                    call = lambda: bsa._forward(q, k, v, layout, "bhsd", ranges, config=cfg)  # noqa: E731
+                try:
+                    ms = time_ms(call, target_ms=500)
+                except Exception as exc:  # noqa: BLE001
+                    log(f"{name} {variant} {cfg} failed: {exc!r}"[:400])
+                    continue
+                rec = {"benchmark": "radial_layout_variants", "method": f"vidaccel_block_sparse:{variant}",
+                       "date": date, "device": device_name, "shape": shape, "density": round(density, 5),
+                       "baseline": "sdpa_cudnn_dense", "baseline_ms": round(cudnn_ms, 4),
+                       "method_ms": round(ms, 4), "speedup": round(cudnn_ms / ms, 4),
+                       "efficiency_vs_ideal": round(cudnn_ms * density / ms, 4),
+                       "config": "autotuned" if cfg is None else dataclasses.asdict(cfg),
+                       "blocks_per_row": {"mean": round(float(per_row.mean()), 2), "min": int(per_row.min()),
+                                          "max": int(per_row.max())}}
+                records.append(rec)
+                save()
+                log(f"{name} {variant:19s} density {density:.4f} {ms:8.3f} ms  {cudnn_ms / ms:5.2f}x  "
+                    f"(ideal-fraction {cudnn_ms * density / ms:.3f})  {rec['config']}")
+        del q, k, v
+        torch.cuda.empty_cache()
+    save()
+    log("done")
+
+
+if __name__ == "__main__":
+    main()
