@@ -245,7 +245,7 @@ def layer_breakdown(spec, device, dtype, reps):
     }
 
 
-def tile_layer(spec, device, dtype, reps):
+def tile_layer(spec, device, dtype, reps, fixed_density=None):
     """(a2) The same clustered layer with layout="tiles" (fixed tiles of the permuted tokens, block-sparse kernel),
     with and without ordering the clusters, beside the default cluster layout: whole warm product, density, error."""
     name, B, F, Hh, W, H, D, Cq, Ck = spec
@@ -256,9 +256,14 @@ def tile_layer(spec, device, dtype, reps):
     result = {"section": "a2_tile_layout", "shape": f"{name} ({B}x{N}x{H}x{D} {str(dtype).replace('torch.', '')})",
               "query_clusters": Cq, "key_clusters": Ck, "top_p": 0.9, "dense_baseline": dense_name,
               "dense_ms": round(median_ms(lambda: dense(q, k, v), device, reps), 4)}
-    for label, kw in (("clusters", {}), ("tiles", {"layout": "tiles"}),
-                      ("tiles_unordered", {"layout": "tiles", "order_clusters": False})):
-        method = SVG2Attention(top_p=0.9, query_clusters=Cq, key_clusters=Ck, **kw).build()
+    variants = [("clusters", {}), ("tiles", {"layout": "tiles"}),
+                ("tiles_unordered", {"layout": "tiles", "order_clusters": False})]
+    if fixed_density is not None:  # both layouts held at one density: which keeps more of the attention?
+        held = {"top_p": 1e-6, "min_kept_fraction": fixed_density}
+        variants += [(f"clusters_at_{fixed_density}", held), (f"tiles_at_{fixed_density}", {**held, "layout": "tiles"})]
+    for label, kw in variants:
+        kw = {"top_p": 0.9, **kw}
+        method = SVG2Attention(query_clusters=Cq, key_clusters=Ck, **kw).build()
         key = ("bench", 1, "cond")
         method.sparse_step(q, k, v, key)  # cold, compiles
         step = method.sparse_step(q, k, v, key)
@@ -361,6 +366,7 @@ def main() -> int:
                         help="k-means iterations of the untimed cold call in (c) (the authors use 50; fewer keep "
                              "the run short and do not change the timed warm call's work)")
     parser.add_argument("--skip", default="", help="comma-separated sections to skip: a, a2, b, c")
+    parser.add_argument("--shapes", default=None, help="section a/a2 shapes: 480p, 720p or both (default)")
     parser.add_argument("--layout", default="clusters", choices=["clusters", "tiles"],
                         help="SVG2's selection layout in sections b/c")
     parser.add_argument("--fixed-density", type=float, default=None,
@@ -399,8 +405,10 @@ def main() -> int:
         write(args.out, records)
 
     started = time.perf_counter()
+    layer_shapes = [spec for spec in LAYER_SHAPES if args.shapes is None or any(
+        tag in spec[0] for tag in args.shapes.split(","))]
     if "a" not in skip:
-        for spec in (SMOKE_LAYER_SHAPES if args.smoke else LAYER_SHAPES):
+        for spec in (SMOKE_LAYER_SHAPES if args.smoke else layer_shapes):
             section(f"a_layer_breakdown {spec[0]}", lambda spec=spec: layer_breakdown(spec, device, dtype, reps))
             last = records[-1]
             if "error" not in last:
@@ -413,8 +421,9 @@ def main() -> int:
                       f"attention {last['fixed_attention_ms']:.2f} ms = {last['fixed_speedup_attention_only']:.2f}x "
                       f"({last['fixed_speedup_with_overheads']:.2f}x with overheads)", flush=True)
     if "a2" not in skip:
-        for spec in (SMOKE_LAYER_SHAPES if args.smoke else LAYER_SHAPES):
-            section(f"a2_tile_layout {spec[0]}", lambda spec=spec: tile_layer(spec, device, dtype, reps))
+        for spec in (SMOKE_LAYER_SHAPES if args.smoke else layer_shapes):
+            section(f"a2_tile_layout {spec[0]}", lambda spec=spec: tile_layer(spec, device, dtype, reps,
+                                                                              args.fixed_density))
     layout = {"layout": args.layout}
     if args.smoke:
         small = SVG2Attention(query_clusters=6, key_clusters=12, first_iterations=3, **layout)
