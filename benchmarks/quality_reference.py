@@ -136,6 +136,9 @@ def configurations(args, steps: int) -> dict[str, Callable[[Any], Any]]:
             add("equal-density", f"svg2 top_p 0.9 min kept {floor}", lambda pipe, f=floor: vidaccel_preset(
                 pipe, vidaccel.Preset(attention=svg2(top_p=0.9, min_kept_fraction=f, dense_warmup=0.25),
                                       name="svg2")))
+            add("equal-density", f"svg2 tiles top_p 0.9 min kept {floor}", lambda pipe, f=floor: vidaccel_preset(
+                pipe, vidaccel.Preset(attention=svg2(top_p=0.9, min_kept_fraction=f, dense_warmup=0.25,
+                                                     layout="tiles"), name="svg2")))
         add("equal-density", "radial warmup 0.25", lambda pipe: vidaccel_preset(
             pipe, vidaccel.Preset(attention=vidaccel.RadialAttention(dense_warmup=0.25), name="radial")))
     # Candidates for the combined presets, each built exactly as a preset would be (LeMiCa plan + int8 text
@@ -162,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plans-dir", default=None, help="LeMiCa plan files to evaluate")
     parser.add_argument("--only", default=None, help="comma list of families: lemica,dbcache,fbcache,cache-dit,"
                                                       "radial,svg2,svg2-tiles,equal-density,calibration,calibration-fp,calibration-late,presets")
+    parser.add_argument("--names", default=None, help="comma list: run only configurations whose name contains one")
     parser.add_argument("--device", default=None)
     parser.add_argument("--deadline-seconds", type=float, default=None, help="start no configuration after this")
     parser.add_argument("--tiny", default=None, help="a tiny pipeline kind instead of the reference (smoke test)")
@@ -204,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     record["dense"] = {"seconds": dense_seconds, "full_passes": dense_calls}
     print(f"dense: {sum(dense_seconds):.1f} s, {dense_calls} full passes", flush=True)
     for name, make in configurations(args, steps).items():
+        if args.names and not any(part in name for part in args.names.split(",")):
+            continue
         if args.deadline_seconds is not None and time.perf_counter() - started > args.deadline_seconds:
             rows.append({"config": name, "skipped": "deadline"})
             continue
