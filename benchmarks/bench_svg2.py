@@ -245,42 +245,6 @@ def layer_breakdown(spec, device, dtype, reps):
     }
 
 
-def tile_layer(spec, device, dtype, reps, fixed_density=None):
-    """(a2) The same clustered layer with layout="tiles" (fixed tiles of the permuted tokens, block-sparse kernel),
-    with and without ordering the clusters, beside the default cluster layout: whole warm product, density, error."""
-    name, B, F, Hh, W, H, D, Cq, Ck = spec
-    N = F * Hh * W
-    q, k, v = clustered_qkv(B, N, H, D, dtype, device)
-    dense, dense_name = dense_sdpa(device)
-    reference = dense(q, k, v).float()
-    result = {"section": "a2_tile_layout", "shape": f"{name} ({B}x{N}x{H}x{D} {str(dtype).replace('torch.', '')})",
-              "query_clusters": Cq, "key_clusters": Ck, "top_p": 0.9, "dense_baseline": dense_name,
-              "dense_ms": round(median_ms(lambda: dense(q, k, v), device, reps), 4)}
-    variants = [("clusters", {}), ("tiles", {"layout": "tiles"}),
-                ("tiles_unordered", {"layout": "tiles", "order_clusters": False})]
-    if fixed_density is not None:  # both layouts held at one density: which keeps more of the attention?
-        held = {"top_p": 1e-6, "min_kept_fraction": fixed_density}
-        variants += [(f"clusters_at_{fixed_density}", held), (f"tiles_at_{fixed_density}", {**held, "layout": "tiles"})]
-    for label, kw in variants:
-        kw = {"top_p": 0.9, **kw}
-        method = SVG2Attention(query_clusters=Cq, key_clusters=Ck, **kw).build()
-        key = ("bench", 1, "cond")
-        method.sparse_step(q, k, v, key)  # cold, compiles
-        step = method.sparse_step(q, k, v, key)
-        if step.density is not None:
-            density = float(step.density.mean())
-        else:
-            from vidaccel.kernels.varblock_attention import varblock_density
-            density = float(varblock_density(step.q_offsets, step.k_offsets, step.selected).mean())
-        ms = median_ms(lambda: method.sparse_step(q, k, v, key), device, reps)
-        err = float((step.out.float() - reference).norm() / reference.norm())
-        result[label] = {"density": round(density, 4), "whole_warm_product_ms": round(ms, 4),
-                         "speedup_whole_product": round(result["dense_ms"] / ms, 4), "rel_l2_error_vs_dense": err}
-        print(f"{name} {label}: density {density:.3f}, whole product {ms:.2f} ms "
-              f"({result['dense_ms'] / ms:.2f}x dense {result['dense_ms']:.2f} ms), rel err {err:.4f}", flush=True)
-    return result
-
-
 # -- (b), (c) one full-size transformer call ----------------------------------------------------------------
 def one_call(pipe, latents, text, step, steps, branch="cond"):
     with torch.inference_mode(), pipe.transformer.cache_context(branch, step_index=step, num_inference_steps=steps):
@@ -365,10 +329,8 @@ def main() -> int:
     parser.add_argument("--cold-iterations-14b", type=int, default=20,
                         help="k-means iterations of the untimed cold call in (c) (the authors use 50; fewer keep "
                              "the run short and do not change the timed warm call's work)")
-    parser.add_argument("--skip", default="", help="comma-separated sections to skip: a, a2, b, c")
-    parser.add_argument("--shapes", default=None, help="section a/a2 shapes: 480p, 720p or both (default)")
-    parser.add_argument("--layout", default="clusters", choices=["clusters", "tiles"],
-                        help="SVG2's selection layout in sections b/c")
+    parser.add_argument("--skip", default="", help="comma-separated sections to skip: a, b, c")
+    parser.add_argument("--shapes", default=None, help="section a shapes: 480p, 720p or both (default)")
     parser.add_argument("--fixed-density", type=float, default=None,
                         help="sections b/c: keep this fraction of key clusters per query cluster (top_p ~0 with "
                              "min_kept_fraction = D, clusters still chosen by score) instead of top_p 0.9; random "
@@ -420,13 +382,8 @@ def main() -> int:
                       f"{last['cold_first_product_ms']:.0f} ms); fixed {last['fixed_density']:.2f} density: "
                       f"attention {last['fixed_attention_ms']:.2f} ms = {last['fixed_speedup_attention_only']:.2f}x "
                       f"({last['fixed_speedup_with_overheads']:.2f}x with overheads)", flush=True)
-    if "a2" not in skip:
-        for spec in (SMOKE_LAYER_SHAPES if args.smoke else layer_shapes):
-            section(f"a2_tile_layout {spec[0]}", lambda spec=spec: tile_layer(spec, device, dtype, reps,
-                                                                              args.fixed_density))
-    layout = {"layout": args.layout}
     if args.smoke:
-        small = SVG2Attention(query_clusters=6, key_clusters=12, first_iterations=3, **layout)
+        small = SVG2Attention(query_clusters=6, key_clusters=12, first_iterations=3)
         steps = 4
         if "b" not in skip:
             section("b_wan_1.3b_call", lambda: wan_call("tiny-wan", (1, 16, 3, 8, 12), steps, small, device, dtype,
@@ -438,10 +395,9 @@ def main() -> int:
             header["fixed_density"] = args.fixed_density
         if "b" not in skip:
             section("b_wan_1.3b_call", lambda: wan_call("wan-1.3b", (1, 16, 21, 60, 104), steps,
-                                                        SVG2Attention(**fixed, **layout), device, dtype, False,
-                                                        warm_calls=3))
+                                                        SVG2Attention(**fixed), device, dtype, False, warm_calls=3))
         if "c" not in skip:
-            config = SVG2Attention(first_iterations=args.cold_iterations_14b, **fixed, **layout)
+            config = SVG2Attention(first_iterations=args.cold_iterations_14b, **fixed)
             section("c_wan_14b_call", lambda: wan_call("wan-14b", (1, 16, 21, 90, 160), steps, config, device,
                                                        dtype, False))
     records[0]["total_seconds"] = round(time.perf_counter() - started, 1)

@@ -146,8 +146,9 @@ def component_bytes(encoder: torch.nn.Module) -> dict[str, dict]:
     return dict(sorted(out.items()))
 
 
-def device_tensors_outside(encoder: torch.nn.Module, device: str) -> dict:
-    """Live tensors on ``device`` whose storage the encoder does not own (leaks show up here), by total bytes."""
+def device_tensors_outside(encoder: torch.nn.Module, device: str, top: int | None = 5) -> dict:
+    """Live tensors on ``device`` whose storage the encoder does not own (leaks show up here), by total bytes, with
+    the ``top`` largest listed (None: all)."""
     owned = {t.untyped_storage().data_ptr() for t in (*encoder.parameters(), *encoder.buffers()) if t is not None}
     storages: dict[int, tuple[int, tuple, str]] = {}
     kind = torch.device(device).type
@@ -162,7 +163,7 @@ def device_tensors_outside(encoder: torch.nn.Module, device: str) -> dict:
                 continue
             if storage.data_ptr() not in owned:
                 storages[storage.data_ptr()] = (storage.nbytes(), tuple(obj.shape), str(obj.dtype))
-    largest = sorted(storages.values(), reverse=True)[:5]
+    largest = sorted(storages.values(), reverse=True)[:top]
     return {"bytes": sum(v[0] for v in storages.values()), "count": len(storages),
             "largest": [{"bytes": b, "shape": list(sh), "dtype": dt} for b, sh, dt in largest]}
 

@@ -122,9 +122,6 @@ def configurations(args, steps: int) -> dict[str, Callable[[Any], Any]]:
         for top_p in (0.95, 0.9, 0.8):
             add("svg2", f"svg2 top_p {top_p}", lambda pipe, p=top_p: vidaccel_preset(
                 pipe, vidaccel.Preset(attention=svg2(top_p=p), name="svg2")))
-        for top_p in (0.95, 0.9):
-            add("svg2-tiles", f"svg2 tiles top_p {top_p}", lambda pipe, p=top_p: vidaccel_preset(
-                pipe, vidaccel.Preset(attention=svg2(top_p=p, layout="tiles"), name="svg2")))
     # Issue #7 asks SVG2 to beat Radial at equal density. On this 2,304-token model Radial keeps 0.877 of the pairs
     # with the authors' settings and 0.667 with 64-token blocks, no near frames and no sink; SVG2 is held at those
     # densities by its floor on kept key clusters. Both with the same 25% dense warm-up and first layer dense.
@@ -136,9 +133,6 @@ def configurations(args, steps: int) -> dict[str, Callable[[Any], Any]]:
             add("equal-density", f"svg2 top_p 0.9 min kept {floor}", lambda pipe, f=floor: vidaccel_preset(
                 pipe, vidaccel.Preset(attention=svg2(top_p=0.9, min_kept_fraction=f, dense_warmup=0.25),
                                       name="svg2")))
-            add("equal-density", f"svg2 tiles top_p 0.9 min kept {floor}", lambda pipe, f=floor: vidaccel_preset(
-                pipe, vidaccel.Preset(attention=svg2(top_p=0.9, min_kept_fraction=f, dense_warmup=0.25,
-                                                     layout="tiles"), name="svg2")))
         add("equal-density", "radial warmup 0.25", lambda pipe: vidaccel_preset(
             pipe, vidaccel.Preset(attention=vidaccel.RadialAttention(dense_warmup=0.25), name="radial")))
     # Candidates for the combined presets, each built exactly as a preset would be (LeMiCa plan + int8 text
@@ -164,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="default: the reference model's 50")
     parser.add_argument("--plans-dir", default=None, help="LeMiCa plan files to evaluate")
     parser.add_argument("--only", default=None, help="comma list of families: lemica,dbcache,fbcache,cache-dit,"
-                                                      "radial,svg2,svg2-tiles,equal-density,calibration,calibration-fp,calibration-late,presets")
+                                                      "radial,svg2,equal-density,calibration,calibration-fp,calibration-late,presets")
     parser.add_argument("--names", default=None, help="comma list: run only configurations whose name contains one")
     parser.add_argument("--device", default=None)
     parser.add_argument("--deadline-seconds", type=float, default=None, help="start no configuration after this")

@@ -47,15 +47,12 @@ class SVG2Step:
 
     out: torch.Tensor  # (B, N, H, D) original token order
     lse: Optional[torch.Tensor]  # (B, H, N) float32 natural log, or None
-    selected: Optional[torch.Tensor]  # (B, H, Cq, Ck) bool (layout="clusters")
+    selected: torch.Tensor  # (B, H, Cq, Ck) bool
     q_offsets: torch.Tensor  # (B, H, Cq + 1) int32
     k_offsets: torch.Tensor  # (B, H, Ck + 1) int32
     warm: bool
     query_iterations: int  # k-means iterations run (a cold call may stop early)
     key_iterations: int
-    # layout="tiles": the kept tile pairs (selected is None then) and their density per (batch item, head)
-    density: Optional[torch.Tensor] = None
-    layout: Optional[object] = None
 
 
 def _permutation(result, num_clusters: int):
@@ -139,8 +136,6 @@ class SVG2AttentionMethod(SparseAttentionMethod):
 
         q_perm = _permutation(q_km, num_q)
         k_perm = _permutation(k_km, num_k)
-        if self.config.layout == "tiles":
-            return self._tile_step(q, k, v, q_km, k_km, q_perm, k_perm, need_lse, warm, backend, attention_kernel)
         selected = select_key_clusters(q_km.centroids, k_km.centroids, k_perm.sizes, top_p=self.config.top_p,
                                        min_kept_fraction=self.config.min_kept_fraction)
         qp, kp, vp = permute_qkv(q, k, v, q_perm.order, k_perm.order, backend=backend)
@@ -159,41 +154,10 @@ class SVG2AttentionMethod(SparseAttentionMethod):
         return SVG2Step(out, lse, selected, q_perm.offsets, k_perm.offsets, warm, q_km.iterations,
                         k_km.iterations)
 
-    def _tile_step(self, q, k, v, q_km, k_km, q_perm, k_perm, need_lse, warm, backend, attention_kernel):
-        """layout="tiles": clusters ordered along their principal direction (optional), tokens permuted, fixed
-        tiles of the permuted sequence selected (`svg2_tiles`) and run by the fixed-block kernel."""
-        from ..kernels.cluster_permute import permute_qkv, unpermute_tokens
-        from .svg2_tiles import principal_order, reorder_clusters, tile_layout
-
-        if self.config.order_clusters:
-            q_perm = reorder_clusters(q_perm, principal_order(q_km.centroids, q_perm.sizes))
-            k_perm = reorder_clusters(k_perm, principal_order(k_km.centroids, k_perm.sizes))
-        qp, kp, vp = permute_qkv(q, k, v, q_perm.order, k_perm.order, backend=backend)
-        layout, density = tile_layout(qp, kp, top_p=self.config.top_p,
-                                      min_kept_fraction=self.config.min_kept_fraction)
-        if attention_kernel is not None:
-            result = attention_kernel(qp, kp, vp, layout, return_lse=need_lse)
-        elif use_triton_kernels(qp):
-            from ..kernels.block_sparse_attention import block_sparse_attention
-
-            result = block_sparse_attention(qp, kp, vp, layout, return_lse=need_lse)
-        else:
-            from .block_sparse_torch import block_sparse_attention_gather
-
-            result = block_sparse_attention_gather(qp, kp, vp, layout, return_lse=need_lse)
-        out_p, lse_p = result if need_lse else (result, None)
-        out = unpermute_tokens(out_p, q_perm.order, backend=backend)
-        lse = None if lse_p is None else torch.empty_like(lse_p).scatter_(-1, q_perm.order, lse_p)
-        return SVG2Step(out, lse, None, q_perm.offsets, k_perm.offsets, warm, q_km.iterations, k_km.iterations,
-                        density=density, layout=layout)
-
     def _record_density(self, transformer_name: str, layer_index: int, step: SVG2Step) -> None:
         from ..kernels.varblock_attention import varblock_density
 
-        if step.density is not None:
-            density = step.density.mean()
-        else:  # stays on device
-            density = varblock_density(step.q_offsets, step.k_offsets, step.selected).mean()
+        density = varblock_density(step.q_offsets, step.k_offsets, step.selected).mean()  # stays on device
         entry = self._density.setdefault((transformer_name, layer_index), [torch.zeros_like(density), 0])
         entry[0] += density
         entry[1] += 1
@@ -211,7 +175,6 @@ class SVG2AttentionMethod(SparseAttentionMethod):
         out["kmeans_warm_starts"] = self.warm_starts
         out["clusters"] = {"query": self.query_clusters, "key": self.key_clusters}
         out["top_p"] = self.config.top_p
-        out["layout"] = self.config.layout
         return out
 
 
@@ -222,11 +185,7 @@ class SVG2Attention(MethodConfig):
     count); `first_iterations` / `warm_iterations`: Lloyd iterations of the first sparse call of a generation and
     of later, warm-started calls; `dense_warmup`: a fraction (< 1) or a count of the first steps run dense (the
     authors: 20%); `dense_layers`: first layers kept dense; `min_kept_fraction`: floor on the fraction of key
-    clusters each query cluster keeps (the authors: 0.1); `seed`: k-means initialisation; `layout`: "clusters"
-    selects exact key clusters per query cluster (the authors' method, variable-block kernel), "tiles" selects fixed
-    tiles of the permuted tokens (128 query x 64 key rows, block-sparse kernel; `order_clusters` first orders the
-    clusters along their principal direction so a tile holds alike clusters; `min_kept_fraction` then counts key
-    tiles)."""
+    clusters each query cluster keeps (the authors: 0.1); `seed`: k-means initialisation."""
 
     role = "attention"
     name = "svg2"
@@ -240,13 +199,8 @@ class SVG2Attention(MethodConfig):
     dense_layers: int = 1
     min_kept_fraction: float = 0.1
     seed: int = 0
-    layout: str = "clusters"
-    order_clusters: bool = True
 
     def __post_init__(self):
-        if self.layout not in ("clusters", "tiles"):
-            raise ValueError(f"layout must be 'clusters' (exact cluster ranges, variable-block kernel) or 'tiles' "
-                             f"(fixed tiles of the permuted tokens, block-sparse kernel), got {self.layout!r}")
         if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1] (1 keeps every key: dense), got {self.top_p!r}")
         for name in ("query_clusters", "key_clusters"):
