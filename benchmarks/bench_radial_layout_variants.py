@@ -1,10 +1,10 @@
-"""Where the Radial layout loses speed against its density: the same kernel on layout variants, same run.
+"""The block-sparse kernel on the Radial layout and on variants of it of the same size, against cuDNN, same run.
 
 Is the Radial layout slower per visited block than other layouts of its size (its sink range pass, its uneven rows,
 its locality)? This times, per shape and per tile configuration, in one run:
   * ``radial``: the shipped plan (layout blocks + the first-frame sink as an exact dense key range);
   * ``radial_sink_blocks``: the sink as whole layout blocks (the key blocks touching frame 0, as the authors'
-    block-quantised mask keeps it) and no range pass;
+    block-quantised mask keeps it) and no range pass (shapes with a sink; elsewhere the plan's layout as it is);
   * ``shuffled``: per query block, the same number of key blocks as ``radial_sink_blocks`` at random columns
     (same work and row imbalance, no locality);
   * ``uniform``: every query block the mean count of ``radial_sink_blocks`` at random columns (no imbalance);
@@ -32,10 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_attention_kernel import SHAPES, _import_project, time_ms  # noqa: E402
 
 
-def _with_sink_blocks(bsa, layout, tokens_per_frame):
+def _with_sink_blocks(bsa, plan):
+    """The plan's layout with every key block that touches the sink frame visited by every query block."""
+    layout, tl = plan.layout, plan.token_layout
+    if not plan.attention_sink:
+        return layout
+    first, last = tl.video_start // layout.block_n, -(-(tl.video_start + tl.tokens_per_frame) // layout.block_n)
     mask = layout.block_mask().clone()
-    sink_blocks = -(-tokens_per_frame // layout.block_n)
-    mask[..., :sink_blocks] = True
+    mask[..., first:last] = True
     return bsa.BlockLayout.from_block_mask(mask, layout.block_m, layout.block_n, q_len=layout.q_len,
                                            kv_len=layout.kv_len)
 
@@ -93,14 +97,14 @@ def main():
             cudnn_ms = time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
         log(f"{name}: cuDNN {cudnn_ms:.3f} ms")
         plan = radial.radial_block_layout(token_layout, attention_sink=sink, device="cuda")
-        sink_layout = _with_sink_blocks(bsa, plan.layout, token_layout.tokens_per_frame)
+        sink_layout = _with_sink_blocks(bsa, plan)
         gen = torch.Generator(device="cuda").manual_seed(0)
         counts = sink_layout.kv_block_counts[0].long()
         uniform = torch.full_like(counts, int(round(float(counts.float().mean()))))
         variants = {
             "full": (bsa.BlockLayout.dense(S, S, 128, device="cuda"), ()),
             "radial": (plan.layout, plan.dense_kv_ranges),
-            "radial_sink_blocks": (sink_layout, ()),
+            "radial_sink_blocks": (sink_layout, () if plan.attention_sink else plan.dense_kv_ranges),
             "shuffled": (_random_layout(bsa, counts, sink_layout, gen), ()),
             "uniform": (_random_layout(bsa, uniform, sink_layout, gen), ()),
             "uniform_0.30": (_random_layout(bsa, torch.full_like(counts, round(0.30 * sink_layout.num_kv_blocks)),
