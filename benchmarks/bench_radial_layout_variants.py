@@ -60,6 +60,11 @@ def main():
     parser.add_argument("--shapes", default="wan1.3b_480p_81f,wan14b_720p_81f")
     parser.add_argument("--budget-s", type=float, default=1e9)
     parser.add_argument("--variants", default=None, help="comma list of variants to time (default: all)")
+    parser.add_argument("--index-prefetch", choices=("off", "on", "both"), default="off",
+                        help="time the explicit tile configs without / with / both ways of reading the next layout "
+                             "block index one tile ahead (KernelConfig.prefetch_index)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="time every (variant, config) this many times, rounds interleaved (clock drift shows)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
@@ -82,7 +87,9 @@ def main():
         out_path.write_text(json.dumps(records, indent=1))
         out_path.with_suffix(".log").write_text("\n".join(lines) + "\n")
 
-    configs = [c for c in bsa._TUNING_CANDIDATES if c.use_tma][:3]
+    base_configs = [c for c in bsa._TUNING_CANDIDATES if c.use_tma][:3]
+    prefetch = {"off": (False,), "on": (True,), "both": (False, True)}[args.index_prefetch]
+    configs = [dataclasses.replace(c, prefetch_index=p) for c in base_configs for p in prefetch]
     for name in args.shapes.split(","):
         if time.time() - t0 > args.budget_s:
             log(f"budget reached, skipping {name}")
@@ -110,35 +117,38 @@ def main():
             "uniform_0.30": (_random_layout(bsa, torch.full_like(counts, round(0.30 * sink_layout.num_kv_blocks)),
                                             sink_layout, gen), ()),
         }
-        for variant, (layout, ranges) in variants.items():
-            if args.variants and variant not in args.variants.split(","):
-                continue
+        runs = [(rnd, variant, cfg) for rnd in range(args.rounds) for variant in variants for cfg in [None, *configs]
+                if not args.variants or variant in args.variants.split(",")]
+        for rnd, variant, cfg in runs:
+            layout, ranges = variants[variant]
+            if time.time() - t0 > args.budget_s:
+                break
             density = layout.effective_density(ranges)
             per_row = layout.kv_block_counts.float()
-            for cfg in [None, *configs]:
-                if time.time() - t0 > args.budget_s:
-                    break
-                if cfg is None:
-                    call = lambda: bsa.block_sparse_attention(q, k, v, layout, dense_kv_ranges=ranges)  # noqa: E731
-                else:
-                    call = lambda: bsa._forward(q, k, v, layout, "bhsd", ranges, config=cfg)  # noqa: E731
-                try:
-                    ms = time_ms(call, target_ms=500)
-                except Exception as exc:  # noqa: BLE001
-                    log(f"{name} {variant} {cfg} failed: {exc!r}"[:400])
-                    continue
-                rec = {"benchmark": "radial_layout_variants", "method": f"vidaccel_block_sparse:{variant}",
-                       "date": date, "device": device_name, "shape": shape, "density": round(density, 5),
-                       "baseline": "sdpa_cudnn_dense", "baseline_ms": round(cudnn_ms, 4),
-                       "method_ms": round(ms, 4), "speedup": round(cudnn_ms / ms, 4),
-                       "efficiency_vs_ideal": round(cudnn_ms * density / ms, 4),
-                       "config": "autotuned" if cfg is None else dataclasses.asdict(cfg),
-                       "blocks_per_row": {"mean": round(float(per_row.mean()), 2), "min": int(per_row.min()),
-                                          "max": int(per_row.max())}}
-                records.append(rec)
-                save()
-                log(f"{name} {variant:19s} density {density:.4f} {ms:8.3f} ms  {cudnn_ms / ms:5.2f}x  "
-                    f"(ideal-fraction {cudnn_ms * density / ms:.3f})  {rec['config']}")
+            if cfg is None:
+                call = lambda: bsa.block_sparse_attention(q, k, v, layout, dense_kv_ranges=ranges)  # noqa: E731
+            else:
+                call = lambda: bsa._forward(q, k, v, layout, "bhsd", ranges, config=cfg)  # noqa: E731
+            try:
+                ms = time_ms(call, target_ms=500)
+            except Exception as exc:  # noqa: BLE001
+                log(f"{name} {variant} {cfg} failed: {exc!r}"[:400])
+                continue
+            rec = {"benchmark": "radial_layout_variants", "method": f"vidaccel_block_sparse:{variant}",
+                   "date": date, "device": device_name, "shape": shape, "density": round(density, 5),
+                   "baseline": "sdpa_cudnn_dense", "baseline_ms": round(cudnn_ms, 4),
+                   "method_ms": round(ms, 4), "speedup": round(cudnn_ms / ms, 4),
+                   "efficiency_vs_ideal": round(cudnn_ms * density / ms, 4),
+                   "config": "autotuned" if cfg is None else dataclasses.asdict(cfg), "round": rnd,
+                   "blocks_per_row": {"mean": round(float(per_row.mean()), 2), "min": int(per_row.min()),
+                                      "max": int(per_row.max())}}
+            records.append(rec)
+            save()
+            log(f"{name} {variant:19s} density {density:.4f} {ms:8.3f} ms  {cudnn_ms / ms:5.2f}x  "
+                f"(ideal-fraction {cudnn_ms * density / ms:.3f})  {rec['config']}")
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            cudnn_end_ms = time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+        log(f"{name}: cuDNN again after the variants {cudnn_end_ms:.3f} ms (first {cudnn_ms:.3f} ms)")
         del q, k, v
         torch.cuda.empty_cache()
     save()

@@ -102,7 +102,7 @@ def _block_sparse_attn_fwd(
     heads, groups, q_len, kv_len, num_q_blocks, max_kv, qk_scale,
     HEAD_DIM: tl.constexpr, LAYOUT_BM: tl.constexpr, LAYOUT_BN: tl.constexpr,
     NUM_RANGES: tl.constexpr, STORE_LSE: tl.constexpr, IEEE_DOT: tl.constexpr, TMA_OK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr, PREFETCH_INDEX: tl.constexpr,
 ):
     SUB_M: tl.constexpr = LAYOUT_BM // BLOCK_M
     SUB_N: tl.constexpr = LAYOUT_BN // BLOCK_N
@@ -150,12 +150,23 @@ def _block_sparse_attn_fwd(
     idx_row = KV_IDX + sched * max_kv
 
     # 1) Layout blocks that are fully in bounds and outside every range: no masks at all.
-    for it in range(0, n_clean * SUB_N):
-        kb = tl.load(idx_row + it // SUB_N)
-        start_n = tl.multiple_of(kb * LAYOUT_BN + (it % SUB_N) * BLOCK_N, BLOCK_N)
-        k = _load_tile(k_desc, k_base, start_n, offs_n, offs_d, stride_ks, stride_kd, kv_len, USE_TMA, False)
-        v = _load_tile(v_desc, v_base, start_n, offs_n, offs_d, stride_vs, stride_vd, kv_len, USE_TMA, False)
-        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, all_cols, False, IEEE_DOT)
+    n_clean_tiles = n_clean * SUB_N
+    if PREFETCH_INDEX:
+        # The block index of tile it + 1 is read while tile it computes, so the K/V loads never wait on it.
+        kb = tl.load(idx_row, mask=n_clean_tiles > 0, other=0)
+        for it in range(0, n_clean_tiles):
+            start_n = tl.multiple_of(kb * LAYOUT_BN + (it % SUB_N) * BLOCK_N, BLOCK_N)
+            kb = tl.load(idx_row + (it + 1) // SUB_N, mask=it + 1 < n_clean_tiles, other=0)
+            k = _load_tile(k_desc, k_base, start_n, offs_n, offs_d, stride_ks, stride_kd, kv_len, USE_TMA, False)
+            v = _load_tile(v_desc, v_base, start_n, offs_n, offs_d, stride_vs, stride_vd, kv_len, USE_TMA, False)
+            acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, all_cols, False, IEEE_DOT)
+    else:
+        for it in range(0, n_clean_tiles):
+            kb = tl.load(idx_row + it // SUB_N)
+            start_n = tl.multiple_of(kb * LAYOUT_BN + (it % SUB_N) * BLOCK_N, BLOCK_N)
+            k = _load_tile(k_desc, k_base, start_n, offs_n, offs_d, stride_ks, stride_kd, kv_len, USE_TMA, False)
+            v = _load_tile(v_desc, v_base, start_n, offs_n, offs_d, stride_vs, stride_vd, kv_len, USE_TMA, False)
+            acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, all_cols, False, IEEE_DOT)
 
     # 2) Ragged last block and blocks overlapping a range: keys past kv_len or inside a range are masked out
     #    (range keys are counted by pass 3).
@@ -214,9 +225,11 @@ class KernelConfig:
     num_stages: int = 3
     use_tma: bool = False
     maxnreg: Optional[int] = None  # register cap, e.g. to fit two CTAs per SM
+    prefetch_index: bool = False  # read the next layout block index one tile ahead (clean loop)
 
     def meta(self) -> dict:
-        return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "USE_TMA": self.use_tma}
+        return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "USE_TMA": self.use_tma,
+                "PREFETCH_INDEX": self.prefetch_index}
 
     def launch_options(self) -> dict:
         options = {"num_warps": self.num_warps, "num_stages": self.num_stages}

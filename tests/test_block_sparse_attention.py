@@ -73,10 +73,12 @@ def test_matches_reference(batch, heads, q_len, kv_len, dim, dtype, tensor_layou
     _check(out, ref, lse, ref_lse, dtype)
 
 
-@pytest.mark.parametrize("config", [KernelConfig(32, 16, 4, 1, False), KernelConfig(64, 32, 4, 1, True)],
-                         ids=["subtiles", "tensor-descriptors"])
+@pytest.mark.parametrize("config", [KernelConfig(32, 16, 4, 1, False), KernelConfig(64, 32, 4, 1, True),
+                                    KernelConfig(32, 16, 4, 1, False, prefetch_index=True)],
+                         ids=["subtiles", "tensor-descriptors", "index-prefetch"])
 def test_kernel_variants_agree(config):
-    """Query/key tiles smaller than the layout blocks, and the tensor-descriptor (TMA) path."""
+    """Query/key tiles smaller than the layout blocks, the tensor-descriptor (TMA) path, and the clean loop that
+    reads the next block index one tile ahead (sub-tiles, so consecutive tiles share and then change blocks)."""
     if config.use_tma and DEVICE == "cpu" and not bsa._INTERPRETED:
         pytest.skip("needs the interpreter or a Hopper GPU")
     layout = _random_layout(2, 150, 130, 64, 64, 0.6, seed=3)
