@@ -246,10 +246,14 @@ class KernelConfig:
 # softmax and MMAs cannot overlap inside one CTA. The register-capped 128x64 tile (2 pipeline stages, 96 KB of
 # shared memory, 128 registers) fits two CTAs per SM, whose independent schedules do overlap: on an H100 it
 # ran Wan 480p at 0.92x cuDNN against 0.82x for the best one-CTA tile (benchmarks/results/
-# attention_kernel_sweep.json). The pointer-path tiles serve GPUs without TMA.
+# attention_kernel_sweep.json). Reading the next block index one tile ahead (prefetch_index) lifted the
+# 128x128 three-stage tile by 10-15% and the two-CTA tile by 1-9% on an H100 (benchmarks/results/
+# radial_layout_prefetch_h100_2026-12-06.json); the tile without it stays a candidate. The pointer-path tiles
+# serve GPUs without TMA.
 _TUNING_CANDIDATES = [
+    KernelConfig(128, 64, 8, 2, True, maxnreg=128, prefetch_index=True),
+    KernelConfig(128, 128, 8, 3, True, prefetch_index=True),
     KernelConfig(128, 64, 8, 2, True, maxnreg=128),
-    KernelConfig(128, 128, 8, 3, True),
     KernelConfig(128, 128, 8, 2, True),
     KernelConfig(64, 64, 4, 2, True),
     KernelConfig(128, 128, 8, 3, False),
