@@ -207,3 +207,18 @@ def test_radial_plan_runs_through_the_kernel():
         *(t.transpose(1, 2).double() for t in (q, k, v)), attn_mask=allowed).transpose(1, 2)
     _check(out, ref.float(), dtype=torch.float16)
     assert plan.density == pytest.approx(allowed.double().mean().item())
+
+
+def test_autotune_keeps_the_two_cta_tiles_for_hopper_head_dim_128():
+    """On TMA-eligible inputs with head_dim 128 the autotuner only times the 64-key-column TMA tiles (the ones that
+    win on sparse layouts); other head dims and non-TMA inputs keep every tile that divides the layout blocks."""
+    configs = [c.as_triton() for c in bsa._TUNING_CANDIDATES + bsa._SMALL_TILE_CANDIDATES]
+    hopper_128 = bsa._prune_configs(configs, {"LAYOUT_BM": 128, "LAYOUT_BN": 128, "TMA_OK": True, "HEAD_DIM": 128})
+    assert hopper_128 and all(c.kwargs["USE_TMA"] and c.kwargs["BLOCK_N"] == 64 for c in hopper_128)
+    assert hopper_128[0].kwargs["PREFETCH_INDEX"] and hopper_128[0].kwargs["BLOCK_M"] == 128
+    no_tma = bsa._prune_configs(configs, {"LAYOUT_BM": 128, "LAYOUT_BN": 128, "TMA_OK": False, "HEAD_DIM": 128})
+    assert no_tma and not any(c.kwargs["USE_TMA"] for c in no_tma)
+    hopper_64 = bsa._prune_configs(configs, {"LAYOUT_BM": 128, "LAYOUT_BN": 128, "TMA_OK": True, "HEAD_DIM": 64})
+    assert len(hopper_64) > len(hopper_128)
+    small_blocks = bsa._prune_configs(configs, {"LAYOUT_BM": 32, "LAYOUT_BN": 32, "TMA_OK": True, "HEAD_DIM": 128})
+    assert small_blocks and all(c.kwargs["BLOCK_M"] <= 32 and c.kwargs["BLOCK_N"] <= 32 for c in small_blocks)
