@@ -165,7 +165,8 @@ def gpu_correctness(bsa, log):
         ref, ref_lse = bsa.block_sparse_attention_reference(q, k, v, layout, tensor_layout=tl_name,
                                                             dense_kv_ranges=ranges, return_lse=True)
         for cfg in (bsa.KernelConfig(128, 128, 8, 3, False), bsa.KernelConfig(128, 64, 4, 3, True),
-                    bsa.KernelConfig(128, 64, 8, 2, True, maxnreg=128)):
+                    bsa.KernelConfig(128, 64, 8, 2, True, maxnreg=128),
+                    bsa.KernelConfig(128, 64, 8, 2, True, maxnreg=128, prefetch_index=True)):
             out, lse = bsa._forward(q, k, v, layout, tl_name, ranges, None, True, config=cfg)
             torch.cuda.synchronize()
             err = (out.float() - ref.float()).abs().max().item()

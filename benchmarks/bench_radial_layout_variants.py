@@ -10,8 +10,10 @@ its locality)? This times, per shape and per tile configuration, in one run:
   * ``uniform``: every query block the mean count of ``radial_sink_blocks`` at random columns (no imbalance);
   * ``uniform_0.30``: every query block 30% of the key blocks at random columns (the kernel at ~30% density);
   * full density,
-against cuDNN dense SDPA. JSON records carry the usual fields. Answer on an H200 (RESULTS.md, 2026-12-06): no;
-every layout runs at 0.90-0.93 of cuDNN's rate per visited pair.
+against cuDNN dense SDPA, re-timed right after every row (the card's clocks drift within a run). JSON records carry
+the usual fields. Answer on an H200 (RESULTS.md, 2026-12-06): no; every layout runs at 0.90-0.93 of cuDNN's rate per
+visited pair. ``--index-prefetch both`` also times each tile with the next block index read one tile ahead, and
+``--rounds`` repeats everything interleaved (RESULTS.md, "Attention kernel with the next-index prefetch").
 
     python benchmarks/bench_radial_layout_variants.py --out results/radial_layout_variants_2026-12-06.json
 """

@@ -113,6 +113,49 @@ def test_density_at_wan_sizes_lands_near_authors():
     assert d720 < d480  # longer frames decay relatively faster
 
 
+def _authors_block_mask(tpf, frames, decay=0.2, block=128):
+    """The Radial authors' block mask for Wan, re-derived from their published rule (DESIGN.md §6): per frame pair
+    a token band (d == 1: half a frame wide; the first frame a sink), placed at its offset inside whole blocks; a
+    block is kept when more than 60% of its non-empty columns are more than 1/3 full."""
+    nb = tpf * frames // block
+    final = torch.zeros(nb, nb, dtype=torch.bool)
+    diff = (torch.arange(tpf)[None, :] - torch.arange(tpf)[:, None]).abs()
+    per_frame_blocks = -(-tpf // block)
+    for i in range(frames):
+        for j in range(frames):
+            d = abs(i - j)
+            base = 2 ** tpf.bit_length() / 2 ** d.bit_length()
+            if j == 0 or d == 0:
+                local = torch.ones(tpf, tpf, dtype=torch.bool)
+            elif d == 1:
+                local = diff <= tpf // 2
+            else:
+                local = (diff <= max(base * decay, block)) & (base >= 128 or d % int(128 / base) == 0)
+            r0, c0 = (i * tpf) % block, (j * tpf) % block
+            n = r0 + per_frame_blocks * block
+            padded = torch.zeros(n, c0 + per_frame_blocks * block, dtype=torch.bool)
+            padded[r0:r0 + tpf, c0:c0 + tpf] = local
+            m = padded[:per_frame_blocks * block, :per_frame_blocks * block]
+            cols = m.view(per_frame_blocks, block, per_frame_blocks, block).sum(1).float() / block
+            kept = (cols > 1 / 3).sum(-1) / ((cols > 0).sum(-1) + 1e-9) > 0.6
+            bi, bj = i * tpf // block, j * tpf // block
+            rows, width = min(per_frame_blocks, nb - bi), min(per_frame_blocks, nb - bj)
+            final[bi:bi + rows, bj:bj + width] |= kept[:rows, :width]
+    return final
+
+
+def test_reference_model_size_matches_the_authors_block_rule():
+    """At the shipped reference model's latent size (9 frames of 16x16 tokens) our layout, with the sink frame
+    counted as blocks, is the authors' block mask exactly: its quality there is Radial's own, not our rounding."""
+    plan = radial_block_layout(TokenLayout(9, 16, 16))
+    ours = plan.layout.block_mask()[0].clone()
+    start, end = plan.dense_kv_ranges[0]
+    ours[:, start // 128: end // 128] = True
+    authors = _authors_block_mask(256, 9)
+    assert torch.equal(ours, authors)
+    assert abs(plan.density - authors.float().mean().item()) < 1e-6
+
+
 def test_cache_hits_after_first_build():
     radial_layout_cache_clear()
     tl = TokenLayout(5, 6, 7)
