@@ -117,6 +117,13 @@ def configurations(args, steps: int) -> dict[str, Callable[[Any], Any]]:
     for warmup in (0.25, 0.0):
         add("radial", f"radial warmup {warmup}", lambda pipe, w=warmup: vidaccel_preset(
             pipe, vidaccel.Preset(attention=vidaccel.RadialAttention(dense_warmup=w), name="radial")))
+    # Issue #6 asks >= 30 dB of Radial on this model; at the authors' settings its mask here is the authors' own,
+    # block for block (tests/test_radial_layout.py). What do the authors' other knobs buy?
+    for label, knobs in (("warmup 0.25", {}), ("warmup 0.35", {"dense_warmup": 0.35}),
+                         ("warmup 0.5", {"dense_warmup": 0.5}), ("dense layers 2", {"dense_layers": 2}),
+                         ("64-token blocks", {"block_size": 64})):
+        add("radial-knobs", f"radial {label}", lambda pipe, kw=knobs: vidaccel_preset(
+            pipe, vidaccel.Preset(attention=vidaccel.RadialAttention(**kw), name="radial")))
     svg2 = getattr(vidaccel, "SVG2Attention", None)
     if svg2 is not None:
         for top_p in (0.95, 0.9, 0.8):
@@ -158,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="default: the reference model's 50")
     parser.add_argument("--plans-dir", default=None, help="LeMiCa plan files to evaluate")
     parser.add_argument("--only", default=None, help="comma list of families: lemica,dbcache,fbcache,cache-dit,"
-                                                      "radial,svg2,equal-density,calibration,calibration-fp,"
-                                                      "calibration-late,presets")
+                                                      "radial,radial-knobs,svg2,equal-density,calibration,"
+                                                      "calibration-fp,calibration-late,presets")
     parser.add_argument("--names", default=None, help="comma list: run only configurations whose name contains one")
     parser.add_argument("--device", default=None)
     parser.add_argument("--deadline-seconds", type=float, default=None, help="start no configuration after this")
