@@ -5,7 +5,8 @@ tpf = tokens per frame, g = d.bit_length()):
   * d <= dense_near_frames: every pair is kept;
   * otherwise, with base = 2**tpf.bit_length() / 2**g:
       - base >= block: keep |c - r| <= w, w = max(base * decay, block);
-      - base <  block: keep |c - r| <= block, but only when d is a multiple of int(block / base);
+      - base <  block: keep |c - r| <= block, but only when d is a multiple of int(block / base) (the
+        authors' code writes 128 here, "equal to block-size": the two agree at 128-token blocks);
   * attention sink (Wan): every query sees the whole first video frame;
   * text tokens (joint attention): text rows see every key, every query sees the text keys.
 
