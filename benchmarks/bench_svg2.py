@@ -336,8 +336,14 @@ def main() -> int:
                              "min_kept_fraction = D, clusters still chosen by score) instead of top_p 0.9; random "
                              "weights select near-dense, so speed runs pass the density measured on the reference "
                              "model at the same top_p")
+    parser.add_argument("--key-mode", default=None, choices=("packed", "indexed", "ranges"),
+                        help="the variable-block kernel's key mode for every SVG2 call (default: its module default)")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
+    if args.key_mode is not None:
+        from vidaccel.kernels import varblock_attention
+
+        varblock_attention.DEFAULT_KEY_MODE = args.key_mode
     if args.smoke:
         device, dtype, reps = torch.device("cpu"), torch.float32, 2
     else:
@@ -346,7 +352,7 @@ def main() -> int:
         device, dtype, reps = torch.device("cuda"), torch.bfloat16, max(10, args.reps)
     header = {"benchmark": "svg2", "date": datetime.date.today().isoformat(),
               "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu (smoke)",
-              "torch": torch.__version__, "smoke": args.smoke}
+              "torch": torch.__version__, "smoke": args.smoke, "key_mode": args.key_mode}
     records: list = [header]
 
     def section(name, fn):

@@ -4,7 +4,7 @@ For Wan 2.1-1.3B 480p (B1 H12 N32760 D128) and Wan 2.1-14B 720p (B1 H40 N75600 D
 cluster layouts (cluster sizes uniform in [0.5, 1.5] x N/C, Ck = 1000 key clusters, Cq query clusters) and per
 query cluster a random set of key clusters filling the target density, it times:
   * dense SDPA with the cuDNN backend (the baseline);
-  * ``varblock_sparse_attention`` at densities ~10/20/30/50/100%, key modes "packed" and "ranges", with and
+  * ``varblock_sparse_attention`` at densities ~10/20/30/50/100%, key modes "packed", "indexed" and "ranges", with and
     without the 64-row remainder launch, the whole call (plan built on device + kernel) and, at 30%, the kernel
     alone with a prebuilt plan;
   * at 30%: the tuning candidates one by one (first shape), query tiles of 64 rows, the same layout through the
@@ -45,6 +45,9 @@ SHAPES = {
 }
 SMOKE_SHAPES = {"smoke": (1, 2, 64, 32, (4,), 10)}
 DENSITIES = (0.1, 0.2, 0.3, 0.5, 1.0)
+# Extra launch configurations swept for key_mode="indexed" at the focus density, as VarBlockConfig arguments
+# (block_n, num_warps, num_stages, maxnreg).
+INDEXED_SWEEP_ARGS = ((64, 8, 3, 128), (64, 8, 3, None), (64, 8, 4, None), (128, 8, 3, None), (64, 4, 3, None))
 FOCUS_DENSITY = 0.3
 
 
@@ -195,6 +198,7 @@ def main():
         sys.exit("bench_varblock_kernel needs a CUDA GPU (or --smoke for a CPU check of this script)")
     dev = "cuda" if on_gpu else "cpu"
     bsa, vba = _import_project()
+    INDEXED_SWEEP = [vba.VarBlockConfig(*a) for a in INDEXED_SWEEP_ARGS]
     import triton
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -286,9 +290,10 @@ def main():
                 # 64-row query tiles at the focus density of the first shape (keeps the run under 3 minutes).
                 # Short cluster tails in 64-row tiles (remainder launch) wherever ranges run.
                 first_layout = shape_index == 0 and q_clusters == q_cluster_counts[0]
-                modes = [("packed", tile_m, None)]
+                modes = [("packed", tile_m, None), ("indexed", tile_m, None)]
                 if first_layout or focus:
-                    modes += [("ranges", tile_m, None), ("packed", tile_m, tile_m // 2)]
+                    modes += [("ranges", tile_m, None), ("packed", tile_m, tile_m // 2),
+                              ("indexed", tile_m, tile_m // 2)]
                 if focus and shape_index == 0 and on_gpu:
                     modes.append(("packed", 64, None))
                 for key_mode, block_m, rem_m in modes:
@@ -317,8 +322,10 @@ def main():
                         suffix = f"_rem{rem_m}" if rem_m else ""
                         record(f"varblock_{key_mode}{suffix}", density, ms, **extra)
                         if focus and block_m == tile_m:
-                            plan = vba.build_varblock_plan(q_off, k_off, sel, N, block_m, rem_m)
-                            plan_ms = time_ms(lambda: vba.build_varblock_plan(q_off, k_off, sel, N, block_m, rem_m),
+                            tokens_len = N if key_mode == "indexed" else None
+                            plan = vba.build_varblock_plan(q_off, k_off, sel, N, block_m, rem_m, tokens_len)
+                            plan_ms = time_ms(lambda: vba.build_varblock_plan(q_off, k_off, sel, N, block_m, rem_m,
+                                                                              tokens_len),
                                               on_gpu, warmup, reps)
                             kernel_ms = time_ms(lambda: vba._forward(q, k, v, q_off, k_off, sel, key_mode=key_mode,
                                                                      block_m=block_m, remainder_block_m=rem_m,
@@ -332,9 +339,13 @@ def main():
                 if focus and shape_index == 0 and q_clusters == q_cluster_counts[0] and not args.smoke:
                     # Every tuning candidate of the 128-row tile, per key mode.
                     def sweep():
-                        for key_mode in ("packed", "ranges"):
-                            plan = vba.build_varblock_plan(q_off, k_off, sel, N, 128)
-                            for cfg in vba._TUNING_CANDIDATES[128]:
+                        for key_mode in ("packed", "indexed", "ranges"):
+                            plan = vba.build_varblock_plan(q_off, k_off, sel, N, 128,
+                                                           key_tokens_len=N if key_mode == "indexed" else None)
+                            configs = list(vba._TUNING_CANDIDATES[128])
+                            if key_mode == "indexed":  # deeper pipelines: the token list is fetched a stage ahead
+                                configs += [c for c in INDEXED_SWEEP if c not in configs]
+                            for cfg in configs:
                                 ms = time_ms(lambda: vba._forward(q, k, v, q_off, k_off, sel, key_mode=key_mode,
                                                                   block_m=128, remainder_block_m=None, plan=plan,
                                                                   config=cfg),

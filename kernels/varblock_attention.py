@@ -59,7 +59,8 @@ __all__ = [
 ]
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
-KEY_MODES = {"packed": 0, "ranges": 1}
+KEY_MODES = {"packed": 0, "ranges": 1, "indexed": 2}
+DEFAULT_KEY_MODE = "packed"  # what key_mode=None means
 # Second launch for short cluster tails (see `varblock_sparse_attention`); off until measured on the GPU.
 DEFAULT_REMAINDER_BLOCK_M: Optional[int] = None
 _INT32_MAX = 2**31 - 1
@@ -103,12 +104,12 @@ def _packed_run(cum_row, pos, num_k_clusters, LOG_R: tl.constexpr):
 @triton.jit
 def _varblock_attn_fwd(
     Q, K, V, O, LSE,
-    Q_OFF, TILE_CLUSTER, TILE_ROW, RANGE_START, RANGE_CUM, KEY_COUNT, NUM_RUNS,
+    Q_OFF, TILE_CLUSTER, TILE_ROW, RANGE_START, RANGE_CUM, KEY_COUNT, NUM_RUNS, KEY_TOKENS,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_ob, stride_oh, stride_os, stride_od,
-    heads, q_len, num_q_clusters, num_k_clusters, num_tiles, qk_scale,
+    heads, q_len, kv_len, num_q_clusters, num_k_clusters, num_tiles, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, LOG_R: tl.constexpr, KEY_MODE: tl.constexpr,
     STORE_LSE: tl.constexpr, IEEE_DOT: tl.constexpr,
     BLOCK_N: tl.constexpr, KEY_WINDOW: tl.constexpr,
@@ -167,6 +168,25 @@ def _varblock_attn_fwd(
             v = tl.load(v_base + tok[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=col_ok[:, None],
                         other=0.0)
             acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, col_ok, True, IEEE_DOT)
+    elif KEY_MODE == 2:
+        # Indexed: the packed key sequence's tokens were written out by the plan, so a tile's token indices sit
+        # at an address affine in the loop counter and the compiler's pipeliner can fetch them, and then the
+        # gathered K/V rows, stages ahead of the dots (the lookup of the packed mode is a loop-carried chain).
+        tok_row = KEY_TOKENS + cq * kv_len
+        n_full = total // BLOCK_N
+        for t in range(0, n_full):
+            tok = tl.load(tok_row + t * BLOCK_N + offs_n)
+            k = tl.load(k_base + tok[:, None] * stride_ks + offs_d[None, :] * stride_kd)
+            v = tl.load(v_base + tok[:, None] * stride_vs + offs_d[None, :] * stride_vd)
+            acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, all_cols, False, IEEE_DOT)
+        if n_full * BLOCK_N < total:
+            col_ok = n_full * BLOCK_N + offs_n < total
+            tok = tl.load(tok_row + n_full * BLOCK_N + offs_n, mask=col_ok, other=0)
+            k = tl.load(k_base + tok[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=col_ok[:, None],
+                        other=0.0)
+            v = tl.load(v_base + tok[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=col_ok[:, None],
+                        other=0.0)
+            acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, col_ok, True, IEEE_DOT)
     else:
         # Ranges: each run with contiguous full tiles, then its masked tail.
         runs = tl.load(NUM_RUNS + cq)
@@ -197,6 +217,23 @@ def _varblock_attn_fwd(
         tl.store(LSE + bh.to(tl.int64) * q_len + offs_m, lse, mask=row_ok)
     o_ptrs = o_base + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _write_key_tokens(RANGE_START, RANGE_CUM, KEY_COUNT, OUT, num_k_clusters, kv_len, LOG_R: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """Token index of every packed key position of one query cluster (program axis 0), one chunk of
+    ``BLOCK`` positions per program on axis 1; chunks past the cluster's key count exit at once."""
+    cq = tl.program_id(0).to(tl.int64)
+    first = tl.program_id(1) * BLOCK
+    total = tl.load(KEY_COUNT + cq)
+    if first >= total:
+        return
+    pos = first + tl.arange(0, BLOCK)
+    cum_row = RANGE_CUM + cq * (num_k_clusters + 1)
+    r = _packed_run(cum_row, tl.minimum(pos, total - 1), num_k_clusters, LOG_R)
+    tok = tl.load(RANGE_START + cq * num_k_clusters + r) + (pos - tl.load(cum_row + r))
+    tl.store(OUT + cq * kv_len + pos, tok, mask=pos < total)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -280,6 +317,10 @@ class VarBlockPlan:
     remainder_tile_cluster: Optional[torch.Tensor] = None  # int32 (B*H, Cq)
     remainder_tile_row: Optional[torch.Tensor] = None  # int32 (B*H, Cq)
     remainder_block_m: Optional[int] = None
+    # For key_mode="indexed": the packed key sequence of each query cluster written out as token indices,
+    # int32 (B*H*Cq, Nk) (only the first key_count entries of a row are written). Its worst case is Cq * 4 / (2 *
+    # head_dim) times the size of K (1.6x for Cq 100, head_dim 128, bf16).
+    key_tokens: Optional[torch.Tensor] = None
 
     @property
     def num_tiles(self) -> int:
@@ -293,8 +334,10 @@ def max_query_tiles(q_len: int, num_q_clusters: int, block_m: int) -> int:
 
 
 def build_varblock_plan(q_offsets: torch.Tensor, k_offsets: torch.Tensor, selected: torch.Tensor, q_len: int,
-                        block_m: int, remainder_block_m: Optional[int] = None) -> VarBlockPlan:
-    """Query-tile schedule and merged key runs, with torch ops on the inputs' device (no host sync)."""
+                        block_m: int, remainder_block_m: Optional[int] = None,
+                        key_tokens_len: Optional[int] = None) -> VarBlockPlan:
+    """Query-tile schedule and merged key runs, with torch ops on the inputs' device (no host sync).
+    With ``key_tokens_len`` (the key token count Nk) it also writes the token list of key_mode="indexed"."""
     B, H, cq1 = q_offsets.shape
     num_q_clusters, num_k_clusters = cq1 - 1, k_offsets.shape[-1] - 1
     bh = B * H
@@ -340,8 +383,16 @@ def build_varblock_plan(q_offsets: torch.Tensor, k_offsets: torch.Tensor, select
     rem_cluster = rem_row = None
     if remainder_block_m is not None:
         rem_cluster, rem_row = _tile_slots(qo, small, big * block_m, key_count, remainder_block_m, num_q_clusters)
-    return VarBlockPlan(tile_cluster, tile_row, range_start, range_cum.contiguous(), key_count,
-                        num_runs.contiguous(), block_m, rem_cluster, rem_row, remainder_block_m)
+    range_cum = range_cum.contiguous()
+    key_tokens = None
+    if key_tokens_len is not None:
+        key_tokens = torch.empty((bh * num_q_clusters, key_tokens_len), dtype=torch.int32, device=dev)
+        block = 16 if _INTERPRETED else 1024
+        grid = (bh * num_q_clusters, triton.cdiv(key_tokens_len, block))
+        _write_key_tokens[grid](range_start, range_cum, key_count, key_tokens, num_k_clusters, key_tokens_len,
+                                LOG_R=_search_depth(num_k_clusters), BLOCK=block)
+    return VarBlockPlan(tile_cluster, tile_row, range_start, range_cum, key_count,
+                        num_runs.contiguous(), block_m, rem_cluster, rem_row, remainder_block_m, key_tokens)
 
 
 def _tile_slots(qo, tiles, row_offset, key_count, block, slots_n):
@@ -419,10 +470,11 @@ def _validate(q, k, v, q_offsets, k_offsets, selected, *, check_values: bool, fo
 # ------------------------------------------------------------------------------------------------------------
 # Public API
 # ------------------------------------------------------------------------------------------------------------
-def _forward(q, k, v, q_offsets, k_offsets, selected, sm_scale=None, return_lse=False, *, key_mode="packed",
+def _forward(q, k, v, q_offsets, k_offsets, selected, sm_scale=None, return_lse=False, *, key_mode=None,
              block_m: Optional[int] = None, remainder_block_m: Optional[int] = -1,
              config: Optional[VarBlockConfig] = None, remainder_config: Optional[VarBlockConfig] = None,
              check_offsets: Optional[bool] = None, plan: Optional[VarBlockPlan] = None):
+    key_mode = DEFAULT_KEY_MODE if key_mode is None else key_mode
     if key_mode not in KEY_MODES:
         raise ValueError(f"key_mode must be one of {sorted(KEY_MODES)}, got {key_mode!r}")
     check = (q.device.type == "cpu") if check_offsets is None else bool(check_offsets)
@@ -441,11 +493,15 @@ def _forward(q, k, v, q_offsets, k_offsets, selected, sm_scale=None, return_lse=
         if remainder_block_m < 16 or remainder_block_m & (remainder_block_m - 1) or remainder_block_m >= block_m:
             raise ValueError(f"remainder_block_m must be a power of two >= 16 below block_m={block_m}, "
                              f"got {remainder_block_m}")
+    indexed = key_mode == "indexed"
     if plan is None:
-        plan = build_varblock_plan(q_offsets, k_offsets, selected, Nq, block_m, remainder_block_m)
+        plan = build_varblock_plan(q_offsets, k_offsets, selected, Nq, block_m, remainder_block_m,
+                                   key_tokens_len=Nk if indexed else None)
     elif (plan.block_m, plan.remainder_block_m) != (block_m, remainder_block_m):
         raise ValueError(f"plan was built for block_m={plan.block_m}, remainder_block_m={plan.remainder_block_m}, "
                          f"not {block_m}, {remainder_block_m}")
+    elif indexed and (plan.key_tokens is None or plan.key_tokens.shape[1] != Nk):
+        raise ValueError(f"key_mode='indexed' needs a plan built with key_tokens_len={Nk} (the key token count)")
 
     out = torch.empty((B, H, Nq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device) if return_lse else out
@@ -457,8 +513,9 @@ def _forward(q, k, v, q_offsets, k_offsets, selected, sm_scale=None, return_lse=
     for tile_cluster, tile_row, tile_m, cfg in launches:  # disjoint query rows
         num_tiles = tile_cluster.shape[1]
         args = (q, k, v, out, lse, q_off, tile_cluster, tile_row, plan.range_start, plan.range_cum,
-                plan.key_count, plan.num_runs, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-                H, Nq, Cq, Ck, num_tiles, sm_scale * _LOG2E)
+                plan.key_count, plan.num_runs, plan.key_tokens if indexed else plan.key_count,
+                *q.stride(), *k.stride(), *v.stride(), *out.stride(), H, Nq, Nk, Cq, Ck, num_tiles,
+                sm_scale * _LOG2E)
         meta = dict(HEAD_DIM=D, BLOCK_M=tile_m, LOG_R=_search_depth(Ck), KEY_MODE=KEY_MODES[key_mode],
                     STORE_LSE=return_lse, IEEE_DOT=q.dtype == torch.float32)
         grid = (num_tiles, B * H)
@@ -480,7 +537,8 @@ def _search_depth(num_k_clusters: int) -> int:
 
 def varblock_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets: torch.Tensor,
                               k_offsets: torch.Tensor, selected: torch.Tensor, *, sm_scale: Optional[float] = None,
-                              return_lse: bool = False, key_mode: str = "packed", block_m: Optional[int] = None,
+                              return_lse: bool = False, key_mode: Optional[str] = None,
+                              block_m: Optional[int] = None,
                               remainder_block_m: Optional[int] = -1, check_offsets: Optional[bool] = None):
     """Sparse attention of clustered (permuted) tokens: query cluster ``i`` sees the keys of every key cluster
     ``j`` with ``selected[b, h, i, j]``.
@@ -491,10 +549,12 @@ def varblock_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     float32 log-sum-exp (B, H, Nq) (-inf and output 0 for rows whose cluster selects nothing), mergeable with
     ``merge_attention_partials``.
 
-    ``key_mode``: "packed" (default; gathered full key tiles) or "ranges" (contiguous tiles per merged run).
-    ``block_m``: query tile rows (128 on GPU). ``remainder_block_m``: when set (e.g. 64), a cluster's last rows,
-    if at most that many, run in a second launch with tiles of that height instead of padding a ``block_m`` tile
-    (default: ``DEFAULT_REMAINDER_BLOCK_M`` on GPU with 128-row tiles; None turns it off). ``check_offsets``:
+    ``key_mode``: "packed" (gathered full key tiles), "indexed" (the same tiles from a token list the plan
+    writes out; more memory, see `VarBlockPlan.key_tokens`) or "ranges" (contiguous tiles per merged run); None
+    means ``DEFAULT_KEY_MODE``. ``block_m``: query tile rows (128 on GPU). ``remainder_block_m``: when set (e.g.
+    64), a cluster's last rows, if at most that many, run in a second launch with tiles of that height instead of
+    padding a ``block_m`` tile (default: ``DEFAULT_REMAINDER_BLOCK_M`` on GPU with 128-row tiles; None turns it
+    off). ``check_offsets``:
     verify offset values (first 0, last N, nondecreasing); this reads them on the host, so the default does it
     only for CPU tensors.
     Raises ValueError for inputs it does not support (the caller should then use dense attention).

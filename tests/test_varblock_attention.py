@@ -62,7 +62,7 @@ def _check(out, ref, lse=None, ref_lse=None, dtype=torch.float32):
 @given(
     batch=st.integers(1, 2), heads=st.integers(1, 2), q_len=st.integers(1, 70), kv_len=st.integers(1, 70),
     q_clusters=st.integers(1, 6), k_clusters=st.integers(1, 12), dim=st.sampled_from([32, 64, 128]),
-    dtype=st.sampled_from([torch.float32, torch.float16]), key_mode=st.sampled_from(["packed", "ranges"]),
+    dtype=st.sampled_from([torch.float32, torch.float16]), key_mode=st.sampled_from(["packed", "ranges", "indexed"]),
     block_m=st.sampled_from([16, 32]), density=st.floats(0.0, 1.0), seed=st.integers(0, 999),
 )
 def test_matches_reference_on_random_ragged_layouts(batch, heads, q_len, kv_len, q_clusters, k_clusters, dim, dtype,
@@ -77,7 +77,7 @@ def test_matches_reference_on_random_ragged_layouts(batch, heads, q_len, kv_len,
     _check(out, ref, lse, ref_lse, dtype)
 
 
-@pytest.mark.parametrize("key_mode", ["packed", "ranges"])
+@pytest.mark.parametrize("key_mode", ["packed", "ranges", "indexed"])
 def test_size_one_giant_and_empty_clusters(key_mode):
     """Size-1 clusters, one giant cluster, empty clusters (also selected ones) and rows selecting nothing."""
     q_sizes = [[[1, 0, 45, 1, 0, 3, 1], [50, 1, 0, 0, 0, 0, 0]]]  # 51 query tokens per head
@@ -117,6 +117,23 @@ def test_alternating_selection_has_the_most_runs(k_clusters):
     _check(out, ref, lse, ref_lse)
 
 
+def test_indexed_token_list_is_each_query_clusters_selected_keys_in_order():
+    """The plan's token list for key_mode="indexed" holds, per query cluster, exactly the key tokens its selected
+    clusters own, ascending (the packed key sequence), in the first key_count entries of its row."""
+    gen = torch.Generator().manual_seed(5)
+    q_off, k_off = _random_offsets(2, 3, 40, 5, gen), _random_offsets(2, 3, 77, 13, gen)
+    selected = (torch.rand(2, 3, 5, 13, generator=gen) < 0.4).to(DEVICE)
+    plan = build_varblock_plan(q_off, k_off, selected, q_len=40, block_m=16, key_tokens_len=77)
+    mask = varblock_token_mask(_offsets_from_sizes(torch.ones(2, 3, 5, dtype=torch.int64)), k_off, selected, 5, 77)
+    counts = plan.key_count.reshape(-1).tolist()
+    for row, (wanted, count) in enumerate(zip(mask.reshape(-1, 77), counts)):
+        assert plan.key_tokens[row, :count].tolist() == torch.nonzero(wanted).flatten().tolist()
+    q, k, v = _qkv(2, 3, 40, 77, 32, torch.float32, gen)
+    stale = build_varblock_plan(q_off, k_off, selected, q_len=40, block_m=16)
+    with pytest.raises(ValueError, match="key_tokens_len=77"):
+        _forward(q, k, v, q_off, k_off, selected, key_mode="indexed", block_m=16, plan=stale)
+
+
 @pytest.mark.parametrize("key_window", [1, 2, 16])
 def test_packed_run_window_and_its_search_fallback_agree(key_window):
     """Packed key tiles look runs up in a window of run starts and fall back to a search when a tile crosses more
@@ -141,7 +158,7 @@ def test_packed_run_window_and_its_search_fallback_agree(key_window):
     _check(out, ref, lse, ref_lse)
 
 
-@pytest.mark.parametrize("key_mode", ["packed", "ranges"])
+@pytest.mark.parametrize("key_mode", ["packed", "ranges", "indexed"])
 def test_remainder_tiles_cover_short_cluster_tails(key_mode):
     """32-row tiles plus a second launch of 16-row tiles for tails of at most 16 rows."""
     gen = torch.Generator().manual_seed(12)
@@ -278,7 +295,7 @@ from triton.compiler import ASTSource
 from vidaccel.kernels import varblock_attention as vba
 
 fn = vba._varblock_attn_fwd
-int_tables = ("Q_OFF", "TILE_CLUSTER", "TILE_ROW", "RANGE_START", "RANGE_CUM", "KEY_COUNT", "NUM_RUNS")
+int_tables = ("Q_OFF", "TILE_CLUSTER", "TILE_ROW", "RANGE_START", "RANGE_CUM", "KEY_COUNT", "NUM_RUNS", "KEY_TOKENS")
 meta_names = ("HEAD_DIM", "BLOCK_M", "LOG_R", "KEY_MODE", "STORE_LSE", "IEEE_DOT", "BLOCK_N", "KEY_WINDOW")
 signature = {}
 for name in fn.arg_names:
@@ -295,9 +312,9 @@ for name in fn.arg_names:
     else:
         signature[name] = "i32"
 ptx = []
-# (key mode, query tile, key tile, warps, register cap): the default launch (ranges mode and 64-row tiles
-# compile too, checked by hand; one compile keeps this file quick).
-for key_mode, block_m, block_n, warps, maxnreg in ((0, 128, 64, 8, 128),):
+# (key mode, query tile, key tile, warps, register cap): the packed and indexed launches (ranges mode and
+# 64-row tiles compile too, checked by hand; few compiles keep this file quick).
+for key_mode, block_m, block_n, warps, maxnreg in ((0, 128, 64, 8, 128), (2, 128, 64, 8, 128)):
     constexprs = dict(HEAD_DIM=128, BLOCK_M=block_m, LOG_R=9, KEY_MODE=key_mode, STORE_LSE=True, IEEE_DOT=False,
                       BLOCK_N=block_n, KEY_WINDOW=16)
     try:
