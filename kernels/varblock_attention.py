@@ -24,7 +24,11 @@ comparing them with the next ``KEY_WINDOW`` run starts after the run where the p
 load); a tile that crosses more run starts than that falls back to a binary search over all of them. The next
 tile's tokens are looked up while the current tile computes (10% faster at 30% density on an H100). Even so, at
 full density the packed walk takes 1.55x the contiguous one over the same tiles: gathered rows, not the lookup,
-are its cost. ``key_mode="ranges"`` walks each run with contiguous tiles and a masked tail per run: no lookup,
+are its cost. ``key_mode="indexed"`` walks the same packed tiles, but a small kernel first writes each query
+cluster's key tokens out (int32, Cq * Nk per head at worst; heads go in groups within
+``KEY_TOKENS_BUDGET_BYTES``), so a tile's token indices sit at an address affine in the loop counter and the
+compiler pipelines their loads, and then the gathered K/V rows, ahead of the dots, as in a paged-attention walk.
+``key_mode="ranges"`` walks each run with contiguous tiles and a masked tail per run: no lookup,
 but every run pays a partial tile (useful when runs are long).
 FlashAttention-2 online softmax as in ``block_sparse_attention`` (exp2, fp32 accumulation, same step function);
 LSE is natural-log fp32 (B, H, Nq), the convention of ``block_sparse_attention.merge_attention_partials``.
@@ -50,12 +54,14 @@ __all__ = [
     "VarBlockConfig",
     "VarBlockPlan",
     "build_varblock_plan",
+    "indexed_heads_per_launch",
     "max_query_tiles",
     "merge_attention_partials",
     "varblock_density",
     "varblock_sparse_attention",
     "varblock_sparse_attention_reference",
     "varblock_token_mask",
+    "write_key_tokens",
 ]
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
@@ -109,13 +115,13 @@ def _varblock_attn_fwd(
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_ob, stride_oh, stride_os, stride_od,
-    heads, q_len, kv_len, num_q_clusters, num_k_clusters, num_tiles, qk_scale,
+    heads, q_len, kv_len, num_q_clusters, num_k_clusters, num_tiles, bh_offset, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, LOG_R: tl.constexpr, KEY_MODE: tl.constexpr,
     STORE_LSE: tl.constexpr, IEEE_DOT: tl.constexpr,
     BLOCK_N: tl.constexpr, KEY_WINDOW: tl.constexpr,
 ):
     slot = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1) + bh_offset
     cluster = tl.load(TILE_CLUSTER + bh.to(tl.int64) * num_tiles + slot)
     if cluster < 0:  # the grid is sized for the worst case; this slot has no tile
         return
@@ -172,7 +178,7 @@ def _varblock_attn_fwd(
         # Indexed: the packed key sequence's tokens were written out by the plan, so a tile's token indices sit
         # at an address affine in the loop counter and the compiler's pipeliner can fetch them, and then the
         # gathered K/V rows, stages ahead of the dots (the lookup of the packed mode is a loop-carried chain).
-        tok_row = KEY_TOKENS + cq * kv_len
+        tok_row = KEY_TOKENS + (tl.program_id(1).to(tl.int64) * num_q_clusters + cluster) * kv_len
         n_full = total // BLOCK_N
         for t in range(0, n_full):
             tok = tl.load(tok_row + t * BLOCK_N + offs_n)
@@ -220,11 +226,13 @@ def _varblock_attn_fwd(
 
 
 @triton.jit
-def _write_key_tokens(RANGE_START, RANGE_CUM, KEY_COUNT, OUT, num_k_clusters, kv_len, LOG_R: tl.constexpr,
-                      BLOCK: tl.constexpr):
-    """Token index of every packed key position of one query cluster (program axis 0), one chunk of
-    ``BLOCK`` positions per program on axis 1; chunks past the cluster's key count exit at once."""
-    cq = tl.program_id(0).to(tl.int64)
+def _write_key_tokens(RANGE_START, RANGE_CUM, KEY_COUNT, OUT, num_k_clusters, kv_len, cq_offset,
+                      LOG_R: tl.constexpr, BLOCK: tl.constexpr):
+    """Token index of every packed key position of query cluster ``cq_offset + program axis 0`` into row
+    ``program axis 0`` of OUT, one chunk of ``BLOCK`` positions per program on axis 1; chunks past the cluster's
+    key count exit at once."""
+    row = tl.program_id(0).to(tl.int64)
+    cq = row + cq_offset
     first = tl.program_id(1) * BLOCK
     total = tl.load(KEY_COUNT + cq)
     if first >= total:
@@ -233,7 +241,7 @@ def _write_key_tokens(RANGE_START, RANGE_CUM, KEY_COUNT, OUT, num_k_clusters, kv
     cum_row = RANGE_CUM + cq * (num_k_clusters + 1)
     r = _packed_run(cum_row, tl.minimum(pos, total - 1), num_k_clusters, LOG_R)
     tok = tl.load(RANGE_START + cq * num_k_clusters + r) + (pos - tl.load(cum_row + r))
-    tl.store(OUT + cq * kv_len + pos, tok, mask=pos < total)
+    tl.store(OUT + row * kv_len + pos, tok, mask=pos < total)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -317,10 +325,6 @@ class VarBlockPlan:
     remainder_tile_cluster: Optional[torch.Tensor] = None  # int32 (B*H, Cq)
     remainder_tile_row: Optional[torch.Tensor] = None  # int32 (B*H, Cq)
     remainder_block_m: Optional[int] = None
-    # For key_mode="indexed": the packed key sequence of each query cluster written out as token indices,
-    # int32 (B*H*Cq, Nk) (only the first key_count entries of a row are written). Its worst case is Cq * 4 / (2 *
-    # head_dim) times the size of K (1.6x for Cq 100, head_dim 128, bf16).
-    key_tokens: Optional[torch.Tensor] = None
 
     @property
     def num_tiles(self) -> int:
@@ -334,10 +338,8 @@ def max_query_tiles(q_len: int, num_q_clusters: int, block_m: int) -> int:
 
 
 def build_varblock_plan(q_offsets: torch.Tensor, k_offsets: torch.Tensor, selected: torch.Tensor, q_len: int,
-                        block_m: int, remainder_block_m: Optional[int] = None,
-                        key_tokens_len: Optional[int] = None) -> VarBlockPlan:
-    """Query-tile schedule and merged key runs, with torch ops on the inputs' device (no host sync).
-    With ``key_tokens_len`` (the key token count Nk) it also writes the token list of key_mode="indexed"."""
+                        block_m: int, remainder_block_m: Optional[int] = None) -> VarBlockPlan:
+    """Query-tile schedule and merged key runs, with torch ops on the inputs' device (no host sync)."""
     B, H, cq1 = q_offsets.shape
     num_q_clusters, num_k_clusters = cq1 - 1, k_offsets.shape[-1] - 1
     bh = B * H
@@ -383,16 +385,35 @@ def build_varblock_plan(q_offsets: torch.Tensor, k_offsets: torch.Tensor, select
     rem_cluster = rem_row = None
     if remainder_block_m is not None:
         rem_cluster, rem_row = _tile_slots(qo, small, big * block_m, key_count, remainder_block_m, num_q_clusters)
-    range_cum = range_cum.contiguous()
-    key_tokens = None
-    if key_tokens_len is not None:
-        key_tokens = torch.empty((bh * num_q_clusters, key_tokens_len), dtype=torch.int32, device=dev)
-        block = 16 if _INTERPRETED else 1024
-        grid = (bh * num_q_clusters, triton.cdiv(key_tokens_len, block))
-        _write_key_tokens[grid](range_start, range_cum, key_count, key_tokens, num_k_clusters, key_tokens_len,
-                                LOG_R=_search_depth(num_k_clusters), BLOCK=block)
-    return VarBlockPlan(tile_cluster, tile_row, range_start, range_cum, key_count,
-                        num_runs.contiguous(), block_m, rem_cluster, rem_row, remainder_block_m, key_tokens)
+    return VarBlockPlan(tile_cluster, tile_row, range_start, range_cum.contiguous(), key_count,
+                        num_runs.contiguous(), block_m, rem_cluster, rem_row, remainder_block_m)
+
+
+# The token lists of key_mode="indexed" take Cq * Nk * 4 bytes per (batch, head) in the worst case (1.6x the size
+# of K for Cq 100, head_dim 128, bf16): heads run in groups whose lists fit this many bytes, reusing one buffer.
+KEY_TOKENS_BUDGET_BYTES = 256 << 20
+
+
+def indexed_heads_per_launch(batch_heads: int, num_q_clusters: int, kv_len: int) -> int:
+    """(batch, head) pairs per launch of key_mode="indexed" (shapes only, no host sync)."""
+    return max(1, min(batch_heads, KEY_TOKENS_BUDGET_BYTES // (num_q_clusters * kv_len * 4)))
+
+
+def write_key_tokens(plan: VarBlockPlan, kv_len: int, first_bh: int = 0, num_bh: Optional[int] = None,
+                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Key token list of key_mode="indexed" for (batch, head) pairs ``first_bh ... first_bh + num_bh - 1``:
+    int32 (num_bh * Cq, kv_len), row ``i * Cq + c`` holding the key tokens query cluster ``c`` of pair
+    ``first_bh + i`` attends to, ascending, in its first ``key_count`` entries (the rest is left unwritten)."""
+    bh, num_q_clusters = plan.key_count.shape
+    num_k_clusters = plan.range_start.shape[-1]
+    num_bh = bh - first_bh if num_bh is None else num_bh
+    if out is None:
+        out = torch.empty((num_bh * num_q_clusters, kv_len), dtype=torch.int32, device=plan.key_count.device)
+    block = 16 if _INTERPRETED else 1024
+    grid = (num_bh * num_q_clusters, triton.cdiv(kv_len, block))
+    _write_key_tokens[grid](plan.range_start, plan.range_cum, plan.key_count, out, num_k_clusters, kv_len,
+                            first_bh * num_q_clusters, LOG_R=_search_depth(num_k_clusters), BLOCK=block)
+    return out
 
 
 def _tile_slots(qo, tiles, row_offset, key_count, block, slots_n):
@@ -493,15 +514,11 @@ def _forward(q, k, v, q_offsets, k_offsets, selected, sm_scale=None, return_lse=
         if remainder_block_m < 16 or remainder_block_m & (remainder_block_m - 1) or remainder_block_m >= block_m:
             raise ValueError(f"remainder_block_m must be a power of two >= 16 below block_m={block_m}, "
                              f"got {remainder_block_m}")
-    indexed = key_mode == "indexed"
     if plan is None:
-        plan = build_varblock_plan(q_offsets, k_offsets, selected, Nq, block_m, remainder_block_m,
-                                   key_tokens_len=Nk if indexed else None)
+        plan = build_varblock_plan(q_offsets, k_offsets, selected, Nq, block_m, remainder_block_m)
     elif (plan.block_m, plan.remainder_block_m) != (block_m, remainder_block_m):
         raise ValueError(f"plan was built for block_m={plan.block_m}, remainder_block_m={plan.remainder_block_m}, "
                          f"not {block_m}, {remainder_block_m}")
-    elif indexed and (plan.key_tokens is None or plan.key_tokens.shape[1] != Nk):
-        raise ValueError(f"key_mode='indexed' needs a plan built with key_tokens_len={Nk} (the key token count)")
 
     out = torch.empty((B, H, Nq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device) if return_lse else out
@@ -510,22 +527,31 @@ def _forward(q, k, v, q_offsets, k_offsets, selected, sm_scale=None, return_lse=
     if plan.remainder_block_m is not None:
         launches.append((plan.remainder_tile_cluster, plan.remainder_tile_row, plan.remainder_block_m,
                          remainder_config))
-    for tile_cluster, tile_row, tile_m, cfg in launches:  # disjoint query rows
-        num_tiles = tile_cluster.shape[1]
-        args = (q, k, v, out, lse, q_off, tile_cluster, tile_row, plan.range_start, plan.range_cum,
-                plan.key_count, plan.num_runs, plan.key_tokens if indexed else plan.key_count,
-                *q.stride(), *k.stride(), *v.stride(), *out.stride(), H, Nq, Nk, Cq, Ck, num_tiles,
-                sm_scale * _LOG2E)
-        meta = dict(HEAD_DIM=D, BLOCK_M=tile_m, LOG_R=_search_depth(Ck), KEY_MODE=KEY_MODES[key_mode],
-                    STORE_LSE=return_lse, IEEE_DOT=q.dtype == torch.float32)
-        grid = (num_tiles, B * H)
-        if cfg is None and not q.is_cuda:
-            cfg = _INTERPRETER_CONFIG
-        if cfg is not None:
-            _varblock_attn_fwd[grid](*args, **meta, BLOCK_N=cfg.block_n, KEY_WINDOW=cfg.key_window,
-                                     **cfg.launch_options())
-        else:
-            _varblock_attn_fwd_tuned[grid](*args, **meta)
+    # key_mode="indexed" runs the (batch, head) pairs in groups whose token lists fit one reused buffer.
+    indexed = key_mode == "indexed"
+    group = indexed_heads_per_launch(B * H, Cq, Nk) if indexed else B * H
+    tokens = None
+    for first_bh in range(0, B * H, group):
+        num_bh = min(group, B * H - first_bh)
+        if indexed:
+            tokens = write_key_tokens(plan, Nk, first_bh, num_bh,
+                                      out=None if tokens is None else tokens[:num_bh * Cq])
+        for tile_cluster, tile_row, tile_m, cfg in launches:  # disjoint query rows
+            num_tiles = tile_cluster.shape[1]
+            args = (q, k, v, out, lse, q_off, tile_cluster, tile_row, plan.range_start, plan.range_cum,
+                    plan.key_count, plan.num_runs, tokens if indexed else plan.key_count,
+                    *q.stride(), *k.stride(), *v.stride(), *out.stride(), H, Nq, Nk, Cq, Ck, num_tiles, first_bh,
+                    sm_scale * _LOG2E)
+            meta = dict(HEAD_DIM=D, BLOCK_M=tile_m, LOG_R=_search_depth(Ck), KEY_MODE=KEY_MODES[key_mode],
+                        STORE_LSE=return_lse, IEEE_DOT=q.dtype == torch.float32)
+            grid = (num_tiles, num_bh)
+            if cfg is None and not q.is_cuda:
+                cfg = _INTERPRETER_CONFIG
+            if cfg is not None:
+                _varblock_attn_fwd[grid](*args, **meta, BLOCK_N=cfg.block_n, KEY_WINDOW=cfg.key_window,
+                                         **cfg.launch_options())
+            else:
+                _varblock_attn_fwd_tuned[grid](*args, **meta)
     return out, (lse if return_lse else None)
 
 

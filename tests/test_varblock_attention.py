@@ -21,6 +21,7 @@ from vidaccel.kernels.varblock_attention import (  # noqa: E402
     varblock_sparse_attention,
     varblock_sparse_attention_reference,
     varblock_token_mask,
+    write_key_tokens,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -118,20 +119,38 @@ def test_alternating_selection_has_the_most_runs(k_clusters):
 
 
 def test_indexed_token_list_is_each_query_clusters_selected_keys_in_order():
-    """The plan's token list for key_mode="indexed" holds, per query cluster, exactly the key tokens its selected
-    clusters own, ascending (the packed key sequence), in the first key_count entries of its row."""
+    """The token list of key_mode="indexed" holds, per query cluster, exactly the key tokens its selected clusters
+    own, ascending (the packed key sequence), in the first key_count entries of its row; a group of heads gets
+    the rows of its own pairs."""
     gen = torch.Generator().manual_seed(5)
     q_off, k_off = _random_offsets(2, 3, 40, 5, gen), _random_offsets(2, 3, 77, 13, gen)
     selected = (torch.rand(2, 3, 5, 13, generator=gen) < 0.4).to(DEVICE)
-    plan = build_varblock_plan(q_off, k_off, selected, q_len=40, block_m=16, key_tokens_len=77)
+    plan = build_varblock_plan(q_off, k_off, selected, q_len=40, block_m=16)
     mask = varblock_token_mask(_offsets_from_sizes(torch.ones(2, 3, 5, dtype=torch.int64)), k_off, selected, 5, 77)
+    wanted = [torch.nonzero(row).flatten().tolist() for row in mask.reshape(-1, 77)]
     counts = plan.key_count.reshape(-1).tolist()
-    for row, (wanted, count) in enumerate(zip(mask.reshape(-1, 77), counts)):
-        assert plan.key_tokens[row, :count].tolist() == torch.nonzero(wanted).flatten().tolist()
-    q, k, v = _qkv(2, 3, 40, 77, 32, torch.float32, gen)
-    stale = build_varblock_plan(q_off, k_off, selected, q_len=40, block_m=16)
-    with pytest.raises(ValueError, match="key_tokens_len=77"):
-        _forward(q, k, v, q_off, k_off, selected, key_mode="indexed", block_m=16, plan=stale)
+    tokens = write_key_tokens(plan, 77)
+    assert [tokens[row, :count].tolist() for row, count in enumerate(counts)] == wanted
+    group = write_key_tokens(plan, 77, first_bh=4, num_bh=2)  # pairs 4 and 5: rows 20-29
+    assert [group[row, :counts[20 + row]].tolist() for row in range(10)] == wanted[20:]
+
+
+def test_indexed_heads_run_in_groups_within_the_token_budget(monkeypatch):
+    """A budget of two heads' lists splits 2 x 3 (batch, head) pairs into groups of 2 that reuse one buffer, and
+    the result is the reference's."""
+    from vidaccel.kernels import varblock_attention as vba
+
+    gen = torch.Generator().manual_seed(8)
+    q_off, k_off = _random_offsets(2, 3, 45, 4, gen), _random_offsets(2, 3, 50, 9, gen)
+    selected = (torch.rand(2, 3, 4, 9, generator=gen) < 0.5).to(DEVICE)
+    q, k, v = _qkv(2, 3, 45, 50, 32, torch.float32, gen)
+    monkeypatch.setattr(vba, "KEY_TOKENS_BUDGET_BYTES", 2 * 4 * 50 * 4 + 3)
+    assert vba.indexed_heads_per_launch(6, 4, 50) == 2
+    out, lse = _forward(q, k, v, q_off, k_off, selected, None, True, key_mode="indexed", block_m=16)
+    ref, ref_lse = varblock_sparse_attention_reference(q, k, v, q_off, k_off, selected, return_lse=True)
+    _check(out, ref, lse, ref_lse)
+    monkeypatch.setattr(vba, "KEY_TOKENS_BUDGET_BYTES", 0)
+    assert vba.indexed_heads_per_launch(6, 4, 50) == 1  # at least one pair per launch, whatever the budget
 
 
 @pytest.mark.parametrize("key_window", [1, 2, 16])
