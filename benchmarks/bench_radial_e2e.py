@@ -28,6 +28,7 @@ import torch
 import vidaccel  # noqa: E402
 from vidaccel.attention.dense import DenseAttention  # noqa: E402
 from vidaccel.attention.radial_method import RadialAttention  # noqa: E402
+from vidaccel.presets import Preset  # noqa: E402
 from vidaccel.runner import generate, load_pipeline  # noqa: E402
 
 
@@ -112,7 +113,7 @@ def record(**fields) -> dict:
     return {**base, **fields}
 
 
-def wan_1_3b(steps: int, records: list) -> None:
+def wan_1_3b(steps: int, records: list, extra_warmups: tuple = ()) -> None:
     loaded = load_pipeline(arch="wan-1.3b", device="cuda")
     pipe = loaded.pipe
     layers = len(pipe.transformer.blocks)
@@ -145,6 +146,21 @@ def wan_1_3b(steps: int, records: list) -> None:
         generate(loaded, "", seed=0, progress=False, num_inference_steps=4)  # warm-up incl. sparse steps
         fast = generate(loaded, "", seed=0, progress=False, num_inference_steps=steps)
         stats = handle.stats()["attention"]
+    # The same dense run against Radial with more of the steps dense (the quality/speed trade-off on record).
+    for warmup in extra_warmups:
+        with vidaccel.apply(pipe, Preset(attention=RadialAttention(dense_warmup=warmup), name="radial")) as handle:
+            generate(loaded, "", seed=0, progress=False, num_inference_steps=4)
+            other = generate(loaded, "", seed=0, progress=False, num_inference_steps=steps)
+        other_dense = round(warmup * steps) / steps
+        other_bound = amdahl(share, kernel_speedup, other_dense, (layers - 1) / layers)
+        print(f"wan-1.3b radial with {other_dense:.0%} dense steps: {other.seconds:.1f} s, "
+              f"{dense.seconds / other.seconds:.2f}x (Amdahl bound with the measured kernel {other_bound:.2f}x)",
+              flush=True)
+        records.append(record(method=f"radial end to end, {steps} steps CFG, dense warm-up {warmup}",
+                              shape="wan-1.3b 480p 81f (1x12x32760x128), 30 layers", density=density,
+                              baseline_ms=dense.seconds * 1000, method_ms=other.seconds * 1000,
+                              speedup=dense.seconds / other.seconds, attention_share=share,
+                              dense_step_fraction=other_dense, amdahl_bound_measured_kernel=other_bound))
     speedup = dense.seconds / fast.seconds
     bound_kernel = amdahl(share, kernel_speedup, dense_steps, (layers - 1) / layers)
     bound_ideal = amdahl(share, 1 / density, dense_steps, (layers - 1) / layers)
@@ -205,13 +221,16 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--skip-1-3b", action="store_true")
     parser.add_argument("--skip-14b", action="store_true")
+    parser.add_argument("--extra-dense-warmups", default="",
+                        help="comma-separated dense warm-up fractions to run end to end on the 1.3B as well, "
+                             "against the same dense run (e.g. 0.35,0.5)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
     records: list = []
     try:
         if not args.skip_1_3b:
-            wan_1_3b(args.steps, records)
+            wan_1_3b(args.steps, records, tuple(float(w) for w in args.extra_dense_warmups.split(",") if w))
         if not args.skip_14b:
             wan_14b(args.steps, records)
     finally:
