@@ -361,8 +361,9 @@ def run_shape(name, shape, args, km, cp, on_gpu, device, dtype, log):
         noise = 0.05 * torch.randn_like(q)
         q2, k2 = q + noise, k - noise  # (B, N, H, D), the method's layout; not the tokens clustered above
 
-        def no_attention(qp, kp, vp, q_offsets, k_offsets, selected, return_lse=False):
-            return qp  # the permuted queries stand in for the permuted output
+        def no_attention(qp, kp, vp, q_offsets, k_offsets, selected, return_lse=False, **orders):
+            # The (permuted, or with the "indexed" key mode unpermuted) queries stand in for the output.
+            return qp.clone() if orders else qp
 
         def go():
             step = method.sparse_step(q2, k2, v, attention_kernel=no_attention)
@@ -459,6 +460,9 @@ def main():
     parser.add_argument("--ck", type=int, default=1000, help="key clusters per head")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--verbose", action="store_true", help="print tracebacks of failed sections")
+    parser.add_argument("--key-mode", default=None, choices=("packed", "indexed", "ranges"),
+                        help="the variable-block kernel's key mode in the SVG2 overhead path (\"indexed\" gathers "
+                             "through the cluster orders, so the path has no permutations)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile SVG2's overhead path kernel by kernel (table beside --out)")
     args = parser.parse_args()
@@ -469,6 +473,8 @@ def main():
             sys.exit("bench_kmeans needs a CUDA GPU (or --smoke for a CPU test of this script)")
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported
     km, cp = _import_kernels()
+    if args.key_mode is not None:
+        importlib.import_module("vidaccel.kernels.varblock_attention").DEFAULT_KEY_MODE = args.key_mode
     device = "cuda" if on_gpu else "cpu"
     # The Triton interpreter is wrong for bfloat16: smoke runs use float16.
     dtype = getattr(torch, args.dtype) if on_gpu else torch.float16
@@ -489,6 +495,7 @@ def main():
         "torch": torch.__version__,
         "triton": getattr(sys.modules.get("triton"), "__version__", None),
         "smoke": bool(args.smoke),
+        "key_mode": args.key_mode,
         "records": [],
     }
     out_path = Path(args.out)

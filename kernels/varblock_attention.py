@@ -110,14 +110,14 @@ def _packed_run(cum_row, pos, num_k_clusters, LOG_R: tl.constexpr):
 @triton.jit
 def _varblock_attn_fwd(
     Q, K, V, O, LSE,
-    Q_OFF, TILE_CLUSTER, TILE_ROW, RANGE_START, RANGE_CUM, KEY_COUNT, NUM_RUNS, KEY_TOKENS,
+    Q_OFF, TILE_CLUSTER, TILE_ROW, RANGE_START, RANGE_CUM, KEY_COUNT, NUM_RUNS, KEY_TOKENS, Q_ORDER,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_ob, stride_oh, stride_os, stride_od,
     heads, q_len, kv_len, num_q_clusters, num_k_clusters, num_tiles, bh_offset, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, LOG_R: tl.constexpr, KEY_MODE: tl.constexpr,
-    STORE_LSE: tl.constexpr, IEEE_DOT: tl.constexpr,
+    STORE_LSE: tl.constexpr, IEEE_DOT: tl.constexpr, GATHER_Q: tl.constexpr,
     BLOCK_N: tl.constexpr, KEY_WINDOW: tl.constexpr,
 ):
     slot = tl.program_id(0)
@@ -134,6 +134,10 @@ def _varblock_attn_fwd(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < row_end
+    if GATHER_Q:  # q, out and lse stay in the caller's token order: tile row p is token Q_ORDER[p]
+        rows = tl.load(Q_ORDER + bh.to(tl.int64) * q_len + offs_m, mask=row_ok, other=0)
+    else:
+        rows = offs_m
 
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
@@ -141,7 +145,7 @@ def _varblock_attn_fwd(
     o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
 
     # Rows of the next cluster are read as zeros and never stored.
-    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
+    q = tl.load(q_base + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -220,17 +224,17 @@ def _varblock_attn_fwd(
     out = acc / l_safe[:, None]
     if STORE_LSE:
         lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-        tl.store(LSE + bh.to(tl.int64) * q_len + offs_m, lse, mask=row_ok)
-    o_ptrs = o_base + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od
+        tl.store(LSE + bh.to(tl.int64) * q_len + rows, lse, mask=row_ok)
+    o_ptrs = o_base + rows[:, None] * stride_os + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
-def _write_key_tokens(RANGE_START, RANGE_CUM, KEY_COUNT, OUT, num_k_clusters, kv_len, cq_offset,
-                      LOG_R: tl.constexpr, BLOCK: tl.constexpr):
+def _write_key_tokens(RANGE_START, RANGE_CUM, KEY_COUNT, K_ORDER, OUT, num_q_clusters, num_k_clusters, kv_len,
+                      cq_offset, LOG_R: tl.constexpr, BLOCK: tl.constexpr, HAS_ORDER: tl.constexpr):
     """Token index of every packed key position of query cluster ``cq_offset + program axis 0`` into row
     ``program axis 0`` of OUT, one chunk of ``BLOCK`` positions per program on axis 1; chunks past the cluster's
-    key count exit at once."""
+    key count exit at once. With ``HAS_ORDER`` the index is mapped back to the caller's token order."""
     row = tl.program_id(0).to(tl.int64)
     cq = row + cq_offset
     first = tl.program_id(1) * BLOCK
@@ -241,6 +245,8 @@ def _write_key_tokens(RANGE_START, RANGE_CUM, KEY_COUNT, OUT, num_k_clusters, kv
     cum_row = RANGE_CUM + cq * (num_k_clusters + 1)
     r = _packed_run(cum_row, tl.minimum(pos, total - 1), num_k_clusters, LOG_R)
     tok = tl.load(RANGE_START + cq * num_k_clusters + r) + (pos - tl.load(cum_row + r))
+    if HAS_ORDER:
+        tok = tl.load(K_ORDER + (cq // num_q_clusters) * kv_len + tok).to(tl.int32)
     tl.store(OUT + row * kv_len + pos, tok, mask=pos < total)
 
 
@@ -400,10 +406,12 @@ def indexed_heads_per_launch(batch_heads: int, num_q_clusters: int, kv_len: int)
 
 
 def write_key_tokens(plan: VarBlockPlan, kv_len: int, first_bh: int = 0, num_bh: Optional[int] = None,
-                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     out: Optional[torch.Tensor] = None, k_order: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Key token list of key_mode="indexed" for (batch, head) pairs ``first_bh ... first_bh + num_bh - 1``:
     int32 (num_bh * Cq, kv_len), row ``i * Cq + c`` holding the key tokens query cluster ``c`` of pair
-    ``first_bh + i`` attends to, ascending, in its first ``key_count`` entries (the rest is left unwritten)."""
+    ``first_bh + i`` attends to, ascending, in its first ``key_count`` entries (the rest is left unwritten).
+    With ``k_order`` ((B, H, kv_len): permuted position p holds token k_order[..., p]) the entries are the
+    caller's token indices ``k_order[..., p]`` instead of the permuted positions."""
     bh, num_q_clusters = plan.key_count.shape
     num_k_clusters = plan.range_start.shape[-1]
     num_bh = bh - first_bh if num_bh is None else num_bh
@@ -411,8 +419,10 @@ def write_key_tokens(plan: VarBlockPlan, kv_len: int, first_bh: int = 0, num_bh:
         out = torch.empty((num_bh * num_q_clusters, kv_len), dtype=torch.int32, device=plan.key_count.device)
     block = 16 if _INTERPRETED else 1024
     grid = (num_bh * num_q_clusters, triton.cdiv(kv_len, block))
-    _write_key_tokens[grid](plan.range_start, plan.range_cum, plan.key_count, out, num_k_clusters, kv_len,
-                            first_bh * num_q_clusters, LOG_R=_search_depth(num_k_clusters), BLOCK=block)
+    order = k_order.contiguous() if k_order is not None else plan.key_count
+    _write_key_tokens[grid](plan.range_start, plan.range_cum, plan.key_count, order, out, num_q_clusters,
+                            num_k_clusters, kv_len, first_bh * num_q_clusters, LOG_R=_search_depth(num_k_clusters),
+                            BLOCK=block, HAS_ORDER=k_order is not None)
     return out
 
 
@@ -494,8 +504,13 @@ def _validate(q, k, v, q_offsets, k_offsets, selected, *, check_values: bool, fo
 def _forward(q, k, v, q_offsets, k_offsets, selected, sm_scale=None, return_lse=False, *, key_mode=None,
              block_m: Optional[int] = None, remainder_block_m: Optional[int] = -1,
              config: Optional[VarBlockConfig] = None, remainder_config: Optional[VarBlockConfig] = None,
-             check_offsets: Optional[bool] = None, plan: Optional[VarBlockPlan] = None):
-    key_mode = DEFAULT_KEY_MODE if key_mode is None else key_mode
+             check_offsets: Optional[bool] = None, plan: Optional[VarBlockPlan] = None,
+             q_order: Optional[torch.Tensor] = None, k_order: Optional[torch.Tensor] = None):
+    ordered = _check_orders(q, k, q_order, k_order)
+    if ordered and key_mode not in (None, "indexed"):
+        raise ValueError(f"q_order / k_order need key_mode='indexed' (the only walk that gathers key rows through a "
+                         f"token list), got key_mode={key_mode!r}")
+    key_mode = ("indexed" if ordered else DEFAULT_KEY_MODE) if key_mode is None else key_mode
     if key_mode not in KEY_MODES:
         raise ValueError(f"key_mode must be one of {sorted(KEY_MODES)}, got {key_mode!r}")
     check = (q.device.type == "cpu") if check_offsets is None else bool(check_offsets)
@@ -520,7 +535,7 @@ def _forward(q, k, v, q_offsets, k_offsets, selected, sm_scale=None, return_lse=
         raise ValueError(f"plan was built for block_m={plan.block_m}, remainder_block_m={plan.remainder_block_m}, "
                          f"not {block_m}, {remainder_block_m}")
 
-    out = torch.empty((B, H, Nq, D), dtype=q.dtype, device=q.device)
+    out = torch.empty_like(q)  # q's memory layout: a (B, N, H, D) caller gets its own layout back
     lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device) if return_lse else out
     q_off = q_offsets.reshape(B * H, Cq + 1).contiguous()
     launches = [(plan.tile_cluster, plan.tile_row, block_m, config)]
@@ -535,15 +550,16 @@ def _forward(q, k, v, q_offsets, k_offsets, selected, sm_scale=None, return_lse=
         num_bh = min(group, B * H - first_bh)
         if indexed:
             tokens = write_key_tokens(plan, Nk, first_bh, num_bh,
-                                      out=None if tokens is None else tokens[:num_bh * Cq])
+                                      out=None if tokens is None else tokens[:num_bh * Cq], k_order=k_order)
         for tile_cluster, tile_row, tile_m, cfg in launches:  # disjoint query rows
             num_tiles = tile_cluster.shape[1]
             args = (q, k, v, out, lse, q_off, tile_cluster, tile_row, plan.range_start, plan.range_cum,
                     plan.key_count, plan.num_runs, tokens if indexed else plan.key_count,
+                    q_order.contiguous() if ordered else plan.key_count,
                     *q.stride(), *k.stride(), *v.stride(), *out.stride(), H, Nq, Nk, Cq, Ck, num_tiles, first_bh,
                     sm_scale * _LOG2E)
             meta = dict(HEAD_DIM=D, BLOCK_M=tile_m, LOG_R=_search_depth(Ck), KEY_MODE=KEY_MODES[key_mode],
-                        STORE_LSE=return_lse, IEEE_DOT=q.dtype == torch.float32)
+                        STORE_LSE=return_lse, IEEE_DOT=q.dtype == torch.float32, GATHER_Q=ordered)
             grid = (num_tiles, num_bh)
             if cfg is None and not q.is_cuda:
                 cfg = _INTERPRETER_CONFIG
@@ -553,6 +569,22 @@ def _forward(q, k, v, q_offsets, k_offsets, selected, sm_scale=None, return_lse=
             else:
                 _varblock_attn_fwd_tuned[grid](*args, **meta)
     return out, (lse if return_lse else None)
+
+
+def _check_orders(q, k, q_order, k_order) -> bool:
+    """True when both token orders are given (and valid in shape, dtype and device)."""
+    if q_order is None and k_order is None:
+        return False
+    if q_order is None or k_order is None:
+        raise ValueError("pass both q_order and k_order (or neither)")
+    for name, order, t in (("q_order", q_order, q), ("k_order", k_order, k)):
+        if not isinstance(order, torch.Tensor) or order.dtype not in (torch.int32, torch.int64) \
+                or tuple(order.shape) != tuple(t.shape[:3]) or order.device != t.device:
+            raise ValueError(f"{name} must be an int32/int64 {tuple(t.shape[:3])} (batch, heads, tokens) tensor on "
+                             f"{t.device}: permuted position p holds the token {name}[..., p]; got "
+                             f"{order.dtype if isinstance(order, torch.Tensor) else type(order).__name__} "
+                             f"{tuple(order.shape) if isinstance(order, torch.Tensor) else ''}")
+    return True
 
 
 def _search_depth(num_k_clusters: int) -> int:
@@ -565,7 +597,8 @@ def varblock_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               k_offsets: torch.Tensor, selected: torch.Tensor, *, sm_scale: Optional[float] = None,
                               return_lse: bool = False, key_mode: Optional[str] = None,
                               block_m: Optional[int] = None,
-                              remainder_block_m: Optional[int] = -1, check_offsets: Optional[bool] = None):
+                              remainder_block_m: Optional[int] = -1, check_offsets: Optional[bool] = None,
+                              q_order: Optional[torch.Tensor] = None, k_order: Optional[torch.Tensor] = None):
     """Sparse attention of clustered (permuted) tokens: query cluster ``i`` sees the keys of every key cluster
     ``j`` with ``selected[b, h, i, j]``.
 
@@ -583,10 +616,15 @@ def varblock_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     off). ``check_offsets``:
     verify offset values (first 0, last N, nondecreasing); this reads them on the host, so the default does it
     only for CPU tensors.
+    ``q_order`` / ``k_order`` ((B, H, Nq) / (B, H, Nk) int32/int64, position p of the clustered order holds
+    token ``order[..., p]``): q, k, v are then in the caller's own token order and are never permuted; the kernel
+    gathers query rows and (``key_mode="indexed"``, the default then) key rows through the orders and writes out
+    and lse back in that order. Offsets and ``selected`` still describe the clustered order.
     Raises ValueError for inputs it does not support (the caller should then use dense attention).
     """
     out, lse = _forward(q, k, v, q_offsets, k_offsets, selected, sm_scale, return_lse, key_mode=key_mode,
-                        block_m=block_m, remainder_block_m=remainder_block_m, check_offsets=check_offsets)
+                        block_m=block_m, remainder_block_m=remainder_block_m, check_offsets=check_offsets,
+                        q_order=q_order, k_order=k_order)
     return (out, lse) if return_lse else out
 
 
@@ -609,11 +647,21 @@ def varblock_token_mask(q_offsets: torch.Tensor, k_offsets: torch.Tensor, select
 
 def varblock_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets: torch.Tensor,
                                         k_offsets: torch.Tensor, selected: torch.Tensor, *,
-                                        sm_scale: Optional[float] = None, return_lse: bool = False):
+                                        sm_scale: Optional[float] = None, return_lse: bool = False,
+                                        q_order: Optional[torch.Tensor] = None,
+                                        k_order: Optional[torch.Tensor] = None):
     """Dense masked softmax in float32 with exactly the semantics of `varblock_sparse_attention`.
     Materialises (B, H, Nq, Nk): small sizes only. Checks offset values (reads them on the host)."""
     B, H, Nq, Nk, D, Cq, Ck = _validate(q, k, v, q_offsets, k_offsets, selected, check_values=True,
                                         for_kernel=False)
+    if _check_orders(q, k, q_order, k_order):  # permute, attend, and put the rows back in the caller's order
+        rows = lambda t, order: torch.gather(t, 2, order.long().unsqueeze(-1).expand_as(t))  # noqa: E731
+        out_p, lse_p = varblock_sparse_attention_reference(
+            rows(q, q_order), rows(k, k_order), rows(v, k_order), q_offsets, k_offsets, selected,
+            sm_scale=sm_scale, return_lse=True)
+        out = torch.empty_like(out_p).scatter_(2, q_order.long().unsqueeze(-1).expand_as(out_p), out_p)
+        lse = torch.empty_like(lse_p).scatter_(2, q_order.long(), lse_p)
+        return (out, lse) if return_lse else out
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
     mask = varblock_token_mask(q_offsets, k_offsets, selected, Nq, Nk)
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * sm_scale

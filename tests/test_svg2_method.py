@@ -252,18 +252,26 @@ q, k, v = (torch.randn(2, 48, 2, 32) for _ in range(3))
 config = vidaccel.SVG2Attention(top_p=0.7, query_clusters=4, key_clusters=6, first_iterations=2)
 assert use_triton_kernels(q)
 fast = config.build().sparse_step(q, k, v, need_lse=True)
+from vidaccel.kernels import varblock_attention
+varblock_attention.DEFAULT_KEY_MODE = "indexed"  # the kernel gathers through the orders: no permuted copies
+fused = config.build().sparse_step(q, k, v, need_lse=True)
+assert fused.out.shape == q.shape and fused.out.is_contiguous()
 import vidaccel.attention.svg2 as svg2
 svg2.use_triton_kernels = lambda x: False
 ref = config.build().sparse_step(q, k, v, need_lse=True)
 assert torch.equal(fast.selected, ref.selected), "selection differs"
 torch.testing.assert_close(fast.out, ref.out, atol=1e-4, rtol=1e-4)
 torch.testing.assert_close(fast.lse, ref.lse, atol=1e-4, rtol=1e-4)
+assert torch.equal(fused.selected, ref.selected), "selection differs (indexed)"
+torch.testing.assert_close(fused.out, ref.out, atol=1e-4, rtol=1e-4)
+torch.testing.assert_close(fused.lse, ref.lse, atol=1e-4, rtol=1e-4)
 print("ok", float(fast.selected.float().mean()))
 """
 
 
 def test_triton_interpreter_path_matches_torch_path():
-    """The kernel path (Triton under the interpreter) and the CPU reference path give the same product."""
+    """The kernel path (Triton under the interpreter; permuted copies, and the "indexed" key mode that gathers
+    through the cluster orders instead) and the CPU reference path give the same product."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT], env=env, capture_output=True, text=True,
                             timeout=120)

@@ -153,6 +153,42 @@ def test_indexed_heads_run_in_groups_within_the_token_budget(monkeypatch):
     assert vba.indexed_heads_per_launch(6, 4, 50) == 1  # at least one pair per launch, whatever the budget
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_token_orders_replace_the_permutations(dtype):
+    """With q_order / k_order the kernel takes q, k, v in the caller's (B, N, H, D) memory, unpermuted, and returns
+    out and lse in that order and layout: the reference on the permuted tokens, put back in place."""
+    from vidaccel.kernels.cluster_permute import unpermute_tokens_reference
+
+    gen = torch.Generator().manual_seed(17)
+    B, H, Nq, Nk, D = 2, 3, 53, 61, 32
+    q_off, k_off = _random_offsets(B, H, Nq, 4, gen), _random_offsets(B, H, Nk, 9, gen)
+    selected = (torch.rand(B, H, 4, 9, generator=gen) < 0.5).to(DEVICE)
+    q_order = torch.argsort(torch.rand(B, H, Nq, generator=gen), dim=-1).to(DEVICE)
+    k_order = torch.argsort(torch.rand(B, H, Nk, generator=gen), dim=-1).to(DEVICE, torch.int32)
+    q, k, v = (torch.randn(B, n, H, D, generator=gen).to(DEVICE, dtype) for n in (Nq, Nk, Nk))  # (B, N, H, D)
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    out, lse = varblock_sparse_attention(qt, kt, vt, q_off, k_off, selected, return_lse=True, block_m=16,
+                                         q_order=q_order, k_order=k_order)
+    assert out.transpose(1, 2).is_contiguous()  # the caller's (B, N, H, D) layout, no copy needed
+    gather = lambda t, order: torch.gather(t, 2, order.long().unsqueeze(-1).expand_as(t))  # noqa: E731
+    ref_p, ref_lse_p = varblock_sparse_attention_reference(gather(qt, q_order), gather(kt, k_order),
+                                                           gather(vt, k_order), q_off, k_off, selected,
+                                                           return_lse=True)
+    ref = unpermute_tokens_reference(ref_p, q_order).transpose(1, 2)
+    ref_lse = torch.empty_like(ref_lse_p).scatter_(2, q_order, ref_lse_p)
+    _check(out, ref, lse, ref_lse, dtype)
+    ref_o, ref_o_lse = varblock_sparse_attention_reference(qt, kt, vt, q_off, k_off, selected, return_lse=True,
+                                                           q_order=q_order, k_order=k_order)
+    _check(out, ref_o, lse, ref_o_lse, dtype)
+    with pytest.raises(ValueError, match="both q_order and k_order"):
+        varblock_sparse_attention(qt, kt, vt, q_off, k_off, selected, q_order=q_order)
+    with pytest.raises(ValueError, match="key_mode='indexed'"):
+        varblock_sparse_attention(qt, kt, vt, q_off, k_off, selected, q_order=q_order, k_order=k_order,
+                                  key_mode="packed")
+    with pytest.raises(ValueError, match="k_order must be an int32/int64"):
+        varblock_sparse_attention(qt, kt, vt, q_off, k_off, selected, q_order=q_order, k_order=k_order[..., 1:])
+
+
 @pytest.mark.parametrize("key_window", [1, 2, 16])
 def test_packed_run_window_and_its_search_fallback_agree(key_window):
     """Packed key tiles look runs up in a window of run starts and fall back to a search when a tile crosses more
@@ -315,13 +351,16 @@ from vidaccel.kernels import varblock_attention as vba
 
 fn = vba._varblock_attn_fwd
 int_tables = ("Q_OFF", "TILE_CLUSTER", "TILE_ROW", "RANGE_START", "RANGE_CUM", "KEY_COUNT", "NUM_RUNS", "KEY_TOKENS")
-meta_names = ("HEAD_DIM", "BLOCK_M", "LOG_R", "KEY_MODE", "STORE_LSE", "IEEE_DOT", "BLOCK_N", "KEY_WINDOW")
+meta_names = ("HEAD_DIM", "BLOCK_M", "LOG_R", "KEY_MODE", "STORE_LSE", "IEEE_DOT", "GATHER_Q", "BLOCK_N",
+              "KEY_WINDOW")
 signature = {}
 for name in fn.arg_names:
     if name in ("Q", "K", "V", "O"):
         signature[name] = "*bf16"
     elif name == "LSE":
         signature[name] = "*fp32"
+    elif name == "Q_ORDER":
+        signature[name] = "*i64"
     elif name in int_tables:
         signature[name] = "*i32"
     elif name == "qk_scale":
@@ -331,11 +370,13 @@ for name in fn.arg_names:
     else:
         signature[name] = "i32"
 ptx = []
-# (key mode, query tile, key tile, warps, register cap): the packed and indexed launches (ranges mode and
-# 64-row tiles compile too, checked by hand; few compiles keep this file quick).
-for key_mode, block_m, block_n, warps, maxnreg in ((0, 128, 64, 8, 128), (2, 128, 64, 8, 128)):
+# (key mode, gathered queries, query tile, key tile, warps, register cap): the packed launch and the indexed one
+# in the caller's token order (ranges mode and 64-row tiles compile too, checked by hand; few compiles keep this
+# file quick).
+for key_mode, gather_q, block_m, block_n, warps, maxnreg in ((0, False, 128, 64, 8, 128),
+                                                             (2, True, 128, 64, 8, 128)):
     constexprs = dict(HEAD_DIM=128, BLOCK_M=block_m, LOG_R=9, KEY_MODE=key_mode, STORE_LSE=True, IEEE_DOT=False,
-                      BLOCK_N=block_n, KEY_WINDOW=16)
+                      GATHER_Q=gather_q, BLOCK_N=block_n, KEY_WINDOW=16)
     try:
         source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
     except TypeError as exc:

@@ -100,7 +100,8 @@ class SVG2AttentionMethod(SparseAttentionMethod):
         """q, k, v (B, N, H, D) video tokens -> SVG2Step; updates the k-means state stored under `state_key`.
 
         ``attention_kernel`` replaces the sparse product of the permuted tokens (same signature as
-        ``varblock_sparse_attention``); None picks the variable-block kernel, or its reference off the GPU.
+        ``varblock_sparse_attention``, which it receives unpermuted with ``q_order`` / ``k_order`` when the
+        kernels' key mode is "indexed"); None picks the variable-block kernel, or its reference off the GPU.
         Benchmarks pass a stand-in to time everything else this step runs."""
         from ..kernels.cluster_permute import permute_qkv, unpermute_tokens
         from ..kernels.kmeans import batched_kmeans
@@ -138,19 +139,29 @@ class SVG2AttentionMethod(SparseAttentionMethod):
         k_perm = _permutation(k_km, num_k)
         selected = select_key_clusters(q_km.centroids, k_km.centroids, k_perm.sizes, top_p=self.config.top_p,
                                        min_kept_fraction=self.config.min_kept_fraction)
-        qp, kp, vp = permute_qkv(q, k, v, q_perm.order, k_perm.order, backend=backend)
+        from ..kernels import varblock_attention
+
         if attention_kernel is not None:
             attention = attention_kernel
         elif kernels:
-            from ..kernels.varblock_attention import varblock_sparse_attention as attention
+            attention = varblock_attention.varblock_sparse_attention
         else:
-            from ..kernels.varblock_attention import varblock_sparse_attention_reference as attention
-        result = attention(qp, kp, vp, q_perm.offsets, k_perm.offsets, selected, return_lse=need_lse)
-        out_p, lse_p = result if need_lse else (result, None)
-        out = unpermute_tokens(out_p, q_perm.order, backend=backend)
-        lse = None
-        if lse_p is not None:  # back to the original token order: lse[order[p]] = lse_p[p]
-            lse = torch.empty_like(lse_p).scatter_(-1, q_perm.order, lse_p)
+            attention = varblock_attention.varblock_sparse_attention_reference
+        if kernels and varblock_attention.DEFAULT_KEY_MODE == "indexed":
+            # The kernel gathers query and key rows through the cluster orders and writes the output back in
+            # token order: no permuted copies of q, k, v and no inverse permutation.
+            result = attention(q_bhnd, k_bhnd, v.transpose(1, 2), q_perm.offsets, k_perm.offsets, selected,
+                               return_lse=need_lse, q_order=q_perm.order, k_order=k_perm.order)
+            out_t, lse = result if need_lse else (result, None)
+            out = out_t.transpose(1, 2).contiguous()  # (B, N, H, D); already contiguous for dense inputs
+        else:
+            qp, kp, vp = permute_qkv(q, k, v, q_perm.order, k_perm.order, backend=backend)
+            result = attention(qp, kp, vp, q_perm.offsets, k_perm.offsets, selected, return_lse=need_lse)
+            out_p, lse_p = result if need_lse else (result, None)
+            out = unpermute_tokens(out_p, q_perm.order, backend=backend)
+            lse = None
+            if lse_p is not None:  # back to the original token order: lse[order[p]] = lse_p[p]
+                lse = torch.empty_like(lse_p).scatter_(-1, q_perm.order, lse_p)
         return SVG2Step(out, lse, selected, q_perm.offsets, k_perm.offsets, warm, q_km.iterations,
                         k_km.iterations)
 
