@@ -322,8 +322,10 @@ def main():
                         suffix = f"_rem{rem_m}" if rem_m else ""
                         record(f"varblock_{key_mode}{suffix}", density, ms, **extra)
                         if focus and block_m == tile_m:
-                            plan = vba.build_varblock_plan(q_off, k_off, sel, N, block_m, rem_m)
-                            plan_ms = time_ms(lambda: vba.build_varblock_plan(q_off, k_off, sel, N, block_m, rem_m),
+                            runs = key_mode != "indexed"  # the indexed walk needs no merged runs
+                            plan = vba.build_varblock_plan(q_off, k_off, sel, N, block_m, rem_m, key_runs=runs)
+                            plan_ms = time_ms(lambda: vba.build_varblock_plan(q_off, k_off, sel, N, block_m, rem_m,
+                                                                              key_runs=runs),
                                               on_gpu, warmup, reps)
                             kernel_ms = time_ms(lambda: vba._forward(q, k, v, q_off, k_off, sel, key_mode=key_mode,
                                                                      block_m=block_m, remainder_block_m=rem_m,
@@ -342,7 +344,8 @@ def main():
                     # Every tuning candidate of the 128-row tile, per key mode.
                     def sweep():
                         for key_mode in ("packed", "indexed", "ranges"):
-                            plan = vba.build_varblock_plan(q_off, k_off, sel, N, 128)
+                            plan = vba.build_varblock_plan(q_off, k_off, sel, N, 128,
+                                                           key_runs=key_mode != "indexed")
                             configs = list(vba._TUNING_CANDIDATES[128])
                             if key_mode == "indexed":  # deeper pipelines: the token list is fetched a stage ahead
                                 configs += [c for c in INDEXED_SWEEP if c not in configs]

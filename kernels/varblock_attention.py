@@ -231,10 +231,12 @@ def _varblock_attn_fwd(
 
 @triton.jit
 def _write_key_tokens(RANGE_START, RANGE_CUM, KEY_COUNT, K_ORDER, OUT, num_q_clusters, num_k_clusters, kv_len,
-                      cq_offset, LOG_R: tl.constexpr, BLOCK: tl.constexpr, HAS_ORDER: tl.constexpr):
+                      cq_offset, LOG_R: tl.constexpr, BLOCK: tl.constexpr, HAS_ORDER: tl.constexpr,
+                      SHARED_STARTS: tl.constexpr):
     """Token index of every packed key position of query cluster ``cq_offset + program axis 0`` into row
     ``program axis 0`` of OUT, one chunk of ``BLOCK`` positions per program on axis 1; chunks past the cluster's
-    key count exit at once. With ``HAS_ORDER`` the index is mapped back to the caller's token order."""
+    key count exit at once. With ``HAS_ORDER`` the index is mapped back to the caller's token order. With
+    ``SHARED_STARTS`` the units are the key clusters themselves, whose starts all query clusters of a head share."""
     row = tl.program_id(0).to(tl.int64)
     cq = row + cq_offset
     first = tl.program_id(1) * BLOCK
@@ -244,7 +246,8 @@ def _write_key_tokens(RANGE_START, RANGE_CUM, KEY_COUNT, K_ORDER, OUT, num_q_clu
     pos = first + tl.arange(0, BLOCK)
     cum_row = RANGE_CUM + cq * (num_k_clusters + 1)
     r = _packed_run(cum_row, tl.minimum(pos, total - 1), num_k_clusters, LOG_R)
-    tok = tl.load(RANGE_START + cq * num_k_clusters + r) + (pos - tl.load(cum_row + r))
+    start_row = (cq // num_q_clusters) if SHARED_STARTS else cq
+    tok = tl.load(RANGE_START + start_row * num_k_clusters + r) + (pos - tl.load(cum_row + r))
     if HAS_ORDER:
         tok = tl.load(K_ORDER + (cq // num_q_clusters) * kv_len + tok).to(tl.int32)
     tl.store(OUT + row * kv_len + pos, tok, mask=pos < total)
@@ -324,13 +327,16 @@ class VarBlockPlan:
     range_start: torch.Tensor  # int32 (B*H, Cq, Ck): first token of each merged key run, 0 past the last run
     range_cum: torch.Tensor  # int32 (B*H, Cq, Ck + 1): packed start of each run; entries past the last = total
     key_count: torch.Tensor  # int32 (B*H, Cq): selected key tokens of each query cluster
-    num_runs: torch.Tensor  # int32 (B*H, Cq)
+    num_runs: Optional[torch.Tensor]  # int32 (B*H, Cq); None when key_runs is False
     block_m: int
     # Optional second launch: a cluster's last rows, when at most remainder_block_m of them are left, run as one
     # tile of remainder_block_m rows instead of padding a block_m tile.
     remainder_tile_cluster: Optional[torch.Tensor] = None  # int32 (B*H, Cq)
     remainder_tile_row: Optional[torch.Tensor] = None  # int32 (B*H, Cq)
     remainder_block_m: Optional[int] = None
+    # False for a plan of key_mode="indexed" alone: the key units are the selected clusters themselves, not merged
+    # runs (range_start is then (B*H, 1, Ck), shared by the query clusters, and num_runs is None).
+    key_runs: bool = True
 
     @property
     def num_tiles(self) -> int:
@@ -344,8 +350,10 @@ def max_query_tiles(q_len: int, num_q_clusters: int, block_m: int) -> int:
 
 
 def build_varblock_plan(q_offsets: torch.Tensor, k_offsets: torch.Tensor, selected: torch.Tensor, q_len: int,
-                        block_m: int, remainder_block_m: Optional[int] = None) -> VarBlockPlan:
-    """Query-tile schedule and merged key runs, with torch ops on the inputs' device (no host sync)."""
+                        block_m: int, remainder_block_m: Optional[int] = None, key_runs: bool = True) -> VarBlockPlan:
+    """Query-tile schedule and merged key runs, with torch ops on the inputs' device (no host sync).
+    ``key_runs=False`` skips merging adjacent clusters into runs (only key_mode="indexed" can use such a plan:
+    its token lists need no runs, and the plan takes a few launches instead of about twenty)."""
     B, H, cq1 = q_offsets.shape
     num_q_clusters, num_k_clusters = cq1 - 1, k_offsets.shape[-1] - 1
     bh = B * H
@@ -357,25 +365,32 @@ def build_varblock_plan(q_offsets: torch.Tensor, k_offsets: torch.Tensor, select
 
     # -- merged key runs per query cluster ----------------------------------------------------------------------
     k_start, k_end = ko[..., :-1], ko[..., 1:]
-    kept = sel & (k_end > k_start)  # empty clusters add no tokens and do not break adjacency
-    # End of the closest kept cluster before each one (offsets are nondecreasing, so a running max finds it).
-    prev_end = torch.cummax(torch.where(kept, k_end, torch.full_like(k_end, -1)), dim=-1).values
-    prev_end = torch.cat([torch.full_like(prev_end[..., :1], -1), prev_end[..., :-1]], dim=-1)
-    run_begins = kept & (prev_end != k_start)
-    run_id = torch.cumsum(run_begins, dim=-1, dtype=torch.int32) - 1
-    spare = torch.full_like(run_id, num_k_clusters)  # scatter target of entries that are dropped
-    wide = (bh, num_q_clusters, num_k_clusters + 1)
-    range_start = torch.zeros(wide, dtype=torch.int32, device=dev)
-    range_start.scatter_(-1, torch.where(run_begins, run_id, spare).long(), k_start.to(torch.int32).expand(full))
-    range_end = torch.zeros(wide, dtype=torch.int32, device=dev)
-    range_end.scatter_reduce_(-1, torch.where(kept, run_id, spare).long(), k_end.to(torch.int32).expand(full),
-                              reduce="amax", include_self=True)
-    range_start = range_start[..., :num_k_clusters].contiguous()
-    lengths = range_end[..., :num_k_clusters] - range_start  # 0 past the last run
-    range_cum = torch.zeros(wide, dtype=torch.int32, device=dev)
-    range_cum[..., 1:] = torch.cumsum(lengths, dim=-1, dtype=torch.int32)
-    key_count = range_cum[..., -1].contiguous()
-    num_runs = run_begins.sum(dim=-1, dtype=torch.int32)
+    if not key_runs:  # every selected cluster is its own unit
+        range_start = k_start.contiguous()
+        range_cum = torch.zeros((bh, num_q_clusters, num_k_clusters + 1), dtype=torch.int32, device=dev)
+        range_cum[..., 1:] = torch.cumsum(sel * (k_end - k_start), dim=-1, dtype=torch.int32)
+        key_count = range_cum[..., -1].contiguous()
+        num_runs = None
+    else:
+        kept = sel & (k_end > k_start)  # empty clusters add no tokens and do not break adjacency
+        # End of the closest kept cluster before each one (offsets are nondecreasing, so a running max finds it).
+        prev_end = torch.cummax(torch.where(kept, k_end, torch.full_like(k_end, -1)), dim=-1).values
+        prev_end = torch.cat([torch.full_like(prev_end[..., :1], -1), prev_end[..., :-1]], dim=-1)
+        run_begins = kept & (prev_end != k_start)
+        run_id = torch.cumsum(run_begins, dim=-1, dtype=torch.int32) - 1
+        spare = torch.full_like(run_id, num_k_clusters)  # scatter target of entries that are dropped
+        wide = (bh, num_q_clusters, num_k_clusters + 1)
+        range_start = torch.zeros(wide, dtype=torch.int32, device=dev)
+        range_start.scatter_(-1, torch.where(run_begins, run_id, spare).long(), k_start.to(torch.int32).expand(full))
+        range_end = torch.zeros(wide, dtype=torch.int32, device=dev)
+        range_end.scatter_reduce_(-1, torch.where(kept, run_id, spare).long(), k_end.to(torch.int32).expand(full),
+                                  reduce="amax", include_self=True)
+        range_start = range_start[..., :num_k_clusters].contiguous()
+        lengths = range_end[..., :num_k_clusters] - range_start  # 0 past the last run
+        range_cum = torch.zeros(wide, dtype=torch.int32, device=dev)
+        range_cum[..., 1:] = torch.cumsum(lengths, dim=-1, dtype=torch.int32)
+        key_count = range_cum[..., -1].contiguous()
+        num_runs = run_begins.sum(dim=-1, dtype=torch.int32)
 
     # -- query tiles ------------------------------------------------------------------------------------------
     sizes = qo[:, 1:] - qo[:, :-1]
@@ -392,7 +407,8 @@ def build_varblock_plan(q_offsets: torch.Tensor, k_offsets: torch.Tensor, select
     if remainder_block_m is not None:
         rem_cluster, rem_row = _tile_slots(qo, small, big * block_m, key_count, remainder_block_m, num_q_clusters)
     return VarBlockPlan(tile_cluster, tile_row, range_start, range_cum.contiguous(), key_count,
-                        num_runs.contiguous(), block_m, rem_cluster, rem_row, remainder_block_m)
+                        None if num_runs is None else num_runs.contiguous(), block_m, rem_cluster, rem_row,
+                        remainder_block_m, key_runs)
 
 
 # The token lists of key_mode="indexed" take Cq * Nk * 4 bytes per (batch, head) in the worst case (1.6x the size
@@ -420,9 +436,10 @@ def write_key_tokens(plan: VarBlockPlan, kv_len: int, first_bh: int = 0, num_bh:
     block = 16 if _INTERPRETED else 1024
     grid = (num_bh * num_q_clusters, triton.cdiv(kv_len, block))
     order = k_order.contiguous() if k_order is not None else plan.key_count
+    depth = _search_depth(num_k_clusters) if plan.key_runs else max(1, num_k_clusters.bit_length())
     _write_key_tokens[grid](plan.range_start, plan.range_cum, plan.key_count, order, out, num_q_clusters,
-                            num_k_clusters, kv_len, first_bh * num_q_clusters, LOG_R=_search_depth(num_k_clusters),
-                            BLOCK=block, HAS_ORDER=k_order is not None)
+                            num_k_clusters, kv_len, first_bh * num_q_clusters, LOG_R=depth, BLOCK=block,
+                            HAS_ORDER=k_order is not None, SHARED_STARTS=not plan.key_runs)
     return out
 
 
@@ -529,11 +546,16 @@ def _forward(q, k, v, q_offsets, k_offsets, selected, sm_scale=None, return_lse=
         if remainder_block_m < 16 or remainder_block_m & (remainder_block_m - 1) or remainder_block_m >= block_m:
             raise ValueError(f"remainder_block_m must be a power of two >= 16 below block_m={block_m}, "
                              f"got {remainder_block_m}")
+    indexed = key_mode == "indexed"
     if plan is None:
-        plan = build_varblock_plan(q_offsets, k_offsets, selected, Nq, block_m, remainder_block_m)
+        plan = build_varblock_plan(q_offsets, k_offsets, selected, Nq, block_m, remainder_block_m,
+                                   key_runs=not indexed)
     elif (plan.block_m, plan.remainder_block_m) != (block_m, remainder_block_m):
         raise ValueError(f"plan was built for block_m={plan.block_m}, remainder_block_m={plan.remainder_block_m}, "
                          f"not {block_m}, {remainder_block_m}")
+    elif not plan.key_runs and not indexed:
+        raise ValueError(f"key_mode={key_mode!r} needs a plan of merged key runs (build_varblock_plan with "
+                         f"key_runs=True); this one was built for key_mode='indexed' only")
 
     out = torch.empty_like(q)  # q's memory layout: a (B, N, H, D) caller gets its own layout back
     lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device) if return_lse else out
@@ -543,7 +565,6 @@ def _forward(q, k, v, q_offsets, k_offsets, selected, sm_scale=None, return_lse=
         launches.append((plan.remainder_tile_cluster, plan.remainder_tile_row, plan.remainder_block_m,
                          remainder_config))
     # key_mode="indexed" runs the (batch, head) pairs in groups whose token lists fit one reused buffer.
-    indexed = key_mode == "indexed"
     group = indexed_heads_per_launch(B * H, Cq, Nk) if indexed else B * H
     tokens = None
     for first_bh in range(0, B * H, group):
@@ -554,7 +575,8 @@ def _forward(q, k, v, q_offsets, k_offsets, selected, sm_scale=None, return_lse=
         for tile_cluster, tile_row, tile_m, cfg in launches:  # disjoint query rows
             num_tiles = tile_cluster.shape[1]
             args = (q, k, v, out, lse, q_off, tile_cluster, tile_row, plan.range_start, plan.range_cum,
-                    plan.key_count, plan.num_runs, tokens if indexed else plan.key_count,
+                    plan.key_count, plan.key_count if plan.num_runs is None else plan.num_runs,
+                    tokens if indexed else plan.key_count,
                     q_order.contiguous() if ordered else plan.key_count,
                     *q.stride(), *k.stride(), *v.stride(), *out.stride(), H, Nq, Nk, Cq, Ck, num_tiles, first_bh,
                     sm_scale * _LOG2E)

@@ -118,14 +118,16 @@ def test_alternating_selection_has_the_most_runs(k_clusters):
     _check(out, ref, lse, ref_lse)
 
 
-def test_indexed_token_list_is_each_query_clusters_selected_keys_in_order():
+@pytest.mark.parametrize("key_runs", [True, False])
+def test_indexed_token_list_is_each_query_clusters_selected_keys_in_order(key_runs):
     """The token list of key_mode="indexed" holds, per query cluster, exactly the key tokens its selected clusters
     own, ascending (the packed key sequence), in the first key_count entries of its row; a group of heads gets
-    the rows of its own pairs."""
+    the rows of its own pairs. Plans with merged runs and plans of bare clusters give the same lists."""
     gen = torch.Generator().manual_seed(5)
     q_off, k_off = _random_offsets(2, 3, 40, 5, gen), _random_offsets(2, 3, 77, 13, gen)
     selected = (torch.rand(2, 3, 5, 13, generator=gen) < 0.4).to(DEVICE)
-    plan = build_varblock_plan(q_off, k_off, selected, q_len=40, block_m=16)
+    plan = build_varblock_plan(q_off, k_off, selected, q_len=40, block_m=16, key_runs=key_runs)
+    assert (plan.num_runs is None) != key_runs
     mask = varblock_token_mask(_offsets_from_sizes(torch.ones(2, 3, 5, dtype=torch.int64)), k_off, selected, 5, 77)
     wanted = [torch.nonzero(row).flatten().tolist() for row in mask.reshape(-1, 77)]
     counts = plan.key_count.reshape(-1).tolist()
@@ -133,6 +135,12 @@ def test_indexed_token_list_is_each_query_clusters_selected_keys_in_order():
     assert [tokens[row, :count].tolist() for row, count in enumerate(counts)] == wanted
     group = write_key_tokens(plan, 77, first_bh=4, num_bh=2)  # pairs 4 and 5: rows 20-29
     assert [group[row, :counts[20 + row]].tolist() for row in range(10)] == wanted[20:]
+    if not key_runs:
+        q, k, v = _qkv(2, 3, 40, 77, 32, torch.float32, gen)
+        with pytest.raises(ValueError, match="merged key runs"):
+            _forward(q, k, v, q_off, k_off, selected, key_mode="packed", block_m=16, plan=plan)
+        out = _forward(q, k, v, q_off, k_off, selected, key_mode="indexed", block_m=16, plan=plan)[0]
+        _check(out, varblock_sparse_attention_reference(q, k, v, q_off, k_off, selected))
 
 
 def test_indexed_heads_run_in_groups_within_the_token_budget(monkeypatch):
