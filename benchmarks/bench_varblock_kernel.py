@@ -47,7 +47,7 @@ SMOKE_SHAPES = {"smoke": (1, 2, 64, 32, (4,), 10)}
 DENSITIES = (0.1, 0.2, 0.3, 0.5, 1.0)
 # Extra launch configurations swept for key_mode="indexed" at the focus density, as VarBlockConfig arguments
 # (block_n, num_warps, num_stages, maxnreg).
-INDEXED_SWEEP_ARGS = ((64, 8, 3, 128), (64, 8, 3, None), (64, 8, 4, None), (128, 8, 3, None), (64, 4, 3, None))
+INDEXED_SWEEP_ARGS = ((64, 8, 4, 128), (64, 8, 4, None), (64, 4, 3, None), (128, 8, 2, None))
 FOCUS_DENSITY = 0.3
 
 
@@ -346,9 +346,11 @@ def main():
                         for key_mode in ("packed", "indexed", "ranges"):
                             plan = vba.build_varblock_plan(q_off, k_off, sel, N, 128,
                                                            key_runs=key_mode != "indexed")
-                            configs = list(vba._TUNING_CANDIDATES[128])
                             if key_mode == "indexed":  # deeper pipelines: the token list is fetched a stage ahead
+                                configs = list(vba._INDEXED_TUNING_CANDIDATES[128])
                                 configs += [c for c in INDEXED_SWEEP if c not in configs]
+                            else:
+                                configs = list(vba._TUNING_CANDIDATES[128])
                             for cfg in configs:
                                 ms = time_ms(lambda: vba._forward(q, k, v, q_off, k_off, sel, key_mode=key_mode,
                                                                   block_m=128, remainder_block_m=None, plan=plan,

@@ -285,6 +285,13 @@ _TUNING_CANDIDATES = {
     128: [VarBlockConfig(64, 8, 2, 128), VarBlockConfig(64, 8, 2), VarBlockConfig(128, 8, 2)],
     64: [VarBlockConfig(64, 4, 2), VarBlockConfig(128, 4, 2)],
 }
+# key_mode="indexed": with three stages the compiler fetches the token list one tile before the K/V rows it
+# addresses (the K/V buffers stay two, so the shared memory and the two CTAs per SM stay as with two stages).
+_INDEXED_TUNING_CANDIDATES = {
+    128: [VarBlockConfig(64, 8, 3, 128), VarBlockConfig(64, 8, 2, 128), VarBlockConfig(64, 8, 3),
+          VarBlockConfig(128, 8, 3)],
+    64: [VarBlockConfig(64, 4, 3), VarBlockConfig(128, 4, 3)],
+}
 
 
 def _config_key(c: triton.Config) -> tuple:
@@ -292,17 +299,19 @@ def _config_key(c: triton.Config) -> tuple:
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    block_m = {**named_args, **kwargs}["BLOCK_M"]
-    wanted = {_config_key(c.as_triton()) for c in _TUNING_CANDIDATES.get(block_m, _OTHER_BLOCK_M_CANDIDATES)}
+    args = {**named_args, **kwargs}
+    table = _INDEXED_TUNING_CANDIDATES if args["KEY_MODE"] == KEY_MODES["indexed"] else _TUNING_CANDIDATES
+    wanted = {_config_key(c.as_triton()) for c in table.get(args["BLOCK_M"], _OTHER_BLOCK_M_CANDIDATES)}
     return [c for c in configs if _config_key(c) in wanted] or configs[:1]
 
 
 _OTHER_BLOCK_M_CANDIDATES = [VarBlockConfig(32, 4, 2)]
 _ALL_CANDIDATES = list(dict.fromkeys(
-    [c for group in _TUNING_CANDIDATES.values() for c in group] + _OTHER_BLOCK_M_CANDIDATES))
+    [c for table in (_TUNING_CANDIDATES, _INDEXED_TUNING_CANDIDATES) for group in table.values() for c in group]
+    + _OTHER_BLOCK_M_CANDIDATES))
 _varblock_attn_fwd_tuned = triton.autotune(
     configs=[c.as_triton() for c in _ALL_CANDIDATES],
-    key=["HEAD_DIM", "BLOCK_M", "LOG_R", "KEY_MODE", "IEEE_DOT"],
+    key=["HEAD_DIM", "BLOCK_M", "LOG_R", "KEY_MODE", "IEEE_DOT", "GATHER_Q"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_varblock_attn_fwd)
 

@@ -409,3 +409,14 @@ def test_kernel_compiles_for_hopper():
         pytest.skip(done.stdout + done.stderr[-500:])
     assert done.returncode == 0, done.stderr[-3000:]
     assert "COMPILED True" in done.stdout  # the tiles use Hopper tensor cores (wgmma)
+
+
+def test_autotune_times_each_key_modes_own_candidates():
+    """The indexed walk is tuned over its own list (three-stage pipelines), the other walks over theirs."""
+    from vidaccel.kernels import varblock_attention as vba
+
+    configs = vba._varblock_attn_fwd_tuned.configs
+    for mode, table in (("indexed", vba._INDEXED_TUNING_CANDIDATES), ("packed", vba._TUNING_CANDIDATES)):
+        kept = vba._prune_configs(configs, {"BLOCK_M": 128, "KEY_MODE": vba.KEY_MODES[mode]})
+        assert sorted(map(vba._config_key, kept), key=str) == sorted(
+            (vba._config_key(c.as_triton()) for c in table[128]), key=str)
