@@ -179,9 +179,10 @@ def _varblock_attn_fwd(
                         other=0.0)
             acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, col_ok, True, IEEE_DOT)
     elif KEY_MODE == 2:
-        # Indexed: the packed key sequence's tokens were written out by the plan, so a tile's token indices sit
-        # at an address affine in the loop counter and the compiler's pipeliner can fetch them, and then the
-        # gathered K/V rows, stages ahead of the dots (the lookup of the packed mode is a loop-carried chain).
+        # Indexed: the packed key sequence's tokens were written out (`write_key_tokens`), so a tile's token
+        # indices sit at an address affine in the loop counter and the compiler's pipeliner can fetch them, and
+        # then the gathered K/V rows, stages ahead of the dots (the packed lookup is a loop-carried chain of
+        # dependent loads that the pipeliner cannot hoist).
         tok_row = KEY_TOKENS + (tl.program_id(1).to(tl.int64) * num_q_clusters + cluster) * kv_len
         n_full = total // BLOCK_N
         for t in range(0, n_full):
