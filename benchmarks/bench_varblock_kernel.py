@@ -47,7 +47,7 @@ SMOKE_SHAPES = {"smoke": (1, 2, 64, 32, (4,), 10)}
 DENSITIES = (0.1, 0.2, 0.3, 0.5, 1.0)
 # Extra launch configurations swept for key_mode="indexed" at the focus density, as VarBlockConfig arguments
 # (block_n, num_warps, num_stages, maxnreg).
-INDEXED_SWEEP_ARGS = ((64, 8, 4, 128), (64, 8, 4, None), (64, 4, 3, None), (128, 8, 2, None))
+INDEXED_SWEEP_ARGS = ((32, 8, 5, None), (32, 4, 5, None), (64, 4, 3, None), (128, 8, 2, None))
 FOCUS_DENSITY = 0.3
 
 

@@ -286,11 +286,13 @@ _TUNING_CANDIDATES = {
     128: [VarBlockConfig(64, 8, 2, 128), VarBlockConfig(64, 8, 2), VarBlockConfig(128, 8, 2)],
     64: [VarBlockConfig(64, 4, 2), VarBlockConfig(128, 4, 2)],
 }
-# key_mode="indexed": with three stages the compiler fetches the token list one tile before the K/V rows it
-# addresses (the K/V buffers stay two, so the shared memory and the two CTAs per SM stay as with two stages).
+# key_mode="indexed", as compiled for sm_90 (checked on the CPU, not yet timed): with three (or four) stages the
+# compiler fetches the token list one tile before the K/V rows it addresses, with the K/V rows still one tile
+# ahead of the dots (96 KiB of shared memory at 128x64, two CTAs per SM, as with two stages); from five stages it
+# keeps the K/V rows two tiles ahead, which fits two CTAs per SM only with 32-key tiles (80 KiB; 128 KiB at 64).
 _INDEXED_TUNING_CANDIDATES = {
-    128: [VarBlockConfig(64, 8, 3, 128), VarBlockConfig(64, 8, 2, 128), VarBlockConfig(64, 8, 3),
-          VarBlockConfig(128, 8, 3)],
+    128: [VarBlockConfig(64, 8, 3, 128), VarBlockConfig(64, 8, 2, 128), VarBlockConfig(32, 8, 5, 128),
+          VarBlockConfig(64, 8, 5), VarBlockConfig(64, 8, 3), VarBlockConfig(128, 8, 3)],
     64: [VarBlockConfig(64, 4, 3), VarBlockConfig(128, 4, 3)],
 }
 
