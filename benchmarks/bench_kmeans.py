@@ -357,7 +357,7 @@ def run_shape(name, shape, args, km, cp, on_gpu, device, dtype, log):
         from vidaccel.attention.svg2 import SVG2Attention
 
         method = SVG2Attention(query_clusters=Cq, key_clusters=Ck, top_p=0.9, min_kept_fraction=0.01,
-                               warm_iterations=2).build()
+                               warm_iterations=args.warm_iterations).build()
         noise = 0.05 * torch.randn_like(q)
         q2, k2 = q + noise, k - noise  # (B, N, H, D), the method's layout; not the tokens clustered above
 
@@ -460,6 +460,8 @@ def main():
     parser.add_argument("--ck", type=int, default=1000, help="key clusters per head")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--verbose", action="store_true", help="print tracebacks of failed sections")
+    parser.add_argument("--warm-iterations", type=int, default=2,
+                        help="warm k-means iterations of the SVG2 overhead path (the method's default: 2)")
     parser.add_argument("--key-mode", default=None, choices=("packed", "indexed", "ranges"),
                         help="the variable-block kernel's key mode in the SVG2 overhead path (\"indexed\" gathers "
                              "through the cluster orders, so the path has no permutations)")
