@@ -23,11 +23,14 @@ key set is partial, however small and scattered the clusters are. A tile maps it
 comparing them with the next ``KEY_WINDOW`` run starts after the run where the previous tile ended (one vector
 load); a tile that crosses more run starts than that falls back to a binary search over all of them. The next
 tile's tokens are looked up while the current tile computes (10% faster at 30% density on an H100). Even so, at
-full density the packed walk takes 1.55x the contiguous one over the same tiles: gathered rows, not the lookup,
-are its cost. ``key_mode="indexed"`` walks the same packed tiles, but a small kernel first writes each query
+full density the packed walk takes 1.55x the contiguous one over the same tiles. The lookup's arithmetic is not
+that cost (the window instead of the search changed nothing); its dependent index loads are, as far as the
+compiled sm_90 loop shows, synchronous loads inside the loop, chained through the previous tile's run, which the
+compiler cannot issue ahead. ``key_mode="indexed"`` walks the same packed tiles, but a small kernel first writes each query
 cluster's key tokens out (int32, Cq * Nk per head at worst; heads go in groups within
 ``KEY_TOKENS_BUDGET_BYTES``), so a tile's token indices sit at an address affine in the loop counter and the
-compiler pipelines their loads, and then the gathered K/V rows, ahead of the dots, as in a paged-attention walk.
+compiler pipelines their loads, and then the gathered K/V rows, ahead of the dots, as in a paged-attention walk
+(compiled and tested, not yet timed on a GPU: ``DEFAULT_KEY_MODE`` stays "packed" until it is).
 ``key_mode="ranges"`` walks each run with contiguous tiles and a masked tail per run: no lookup,
 but every run pays a partial tile (useful when runs are long).
 FlashAttention-2 online softmax as in ``block_sparse_attention`` (exp2, fp32 accumulation, same step function);
