@@ -170,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="default: the reference model's 50")
     parser.add_argument("--plans-dir", default=None, help="LeMiCa plan files to evaluate")
     parser.add_argument("--only", default=None, help="comma list of families: lemica,dbcache,fbcache,cache-dit,"
-                                                      "radial,radial-knobs,svg2,svg2-iterations,equal-density,calibration,"
-                                                      "calibration-fp,calibration-late,presets")
+                                                      "radial,radial-knobs,svg2,svg2-iterations,equal-density,"
+                                                      "calibration,calibration-fp,calibration-late,presets")
     parser.add_argument("--names", default=None, help="comma list: run only configurations whose name contains one")
     parser.add_argument("--device", default=None)
     parser.add_argument("--deadline-seconds", type=float, default=None, help="start no configuration after this")

@@ -26,8 +26,8 @@ tile's tokens are looked up while the current tile computes (10% faster at 30% d
 full density the packed walk takes 1.55x the contiguous one over the same tiles. The lookup's arithmetic is not
 that cost (the window instead of the search changed nothing); its dependent index loads are, as far as the
 compiled sm_90 loop shows, synchronous loads inside the loop, chained through the previous tile's run, which the
-compiler cannot issue ahead. ``key_mode="indexed"`` walks the same packed tiles, but a small kernel first writes each query
-cluster's key tokens out (int32, Cq * Nk per head at worst; heads go in groups within
+compiler cannot issue ahead. ``key_mode="indexed"`` walks the same packed tiles, but a small kernel first writes
+each query cluster's key tokens out (int32, Cq * Nk per head at worst; heads go in groups within
 ``KEY_TOKENS_BUDGET_BYTES``), so a tile's token indices sit at an address affine in the loop counter and the
 compiler pipelines their loads, and then the gathered K/V rows, ahead of the dots, as in a paged-attention walk
 (compiled and tested, not yet timed on a GPU: ``DEFAULT_KEY_MODE`` stays "packed" until it is).
@@ -692,11 +692,13 @@ def varblock_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: tor
     B, H, Nq, Nk, D, Cq, Ck = _validate(q, k, v, q_offsets, k_offsets, selected, check_values=True,
                                         for_kernel=False)
     if _check_orders(q, k, q_order, k_order):  # permute, attend, and put the rows back in the caller's order
-        rows = lambda t, order: torch.gather(t, 2, order.long().unsqueeze(-1).expand_as(t))  # noqa: E731
+        from .cluster_permute import permute_tokens_reference, unpermute_tokens_reference
+
         out_p, lse_p = varblock_sparse_attention_reference(
-            rows(q, q_order), rows(k, k_order), rows(v, k_order), q_offsets, k_offsets, selected,
-            sm_scale=sm_scale, return_lse=True)
-        out = torch.empty_like(out_p).scatter_(2, q_order.long().unsqueeze(-1).expand_as(out_p), out_p)
+            permute_tokens_reference(q.transpose(1, 2), q_order), permute_tokens_reference(k.transpose(1, 2), k_order),
+            permute_tokens_reference(v.transpose(1, 2), k_order), q_offsets, k_offsets, selected, sm_scale=sm_scale,
+            return_lse=True)
+        out = unpermute_tokens_reference(out_p, q_order).transpose(1, 2)
         lse = torch.empty_like(lse_p).scatter_(2, q_order.long(), lse_p)
         return (out, lse) if return_lse else out
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)

@@ -165,7 +165,7 @@ def test_indexed_heads_run_in_groups_within_the_token_budget(monkeypatch):
 def test_token_orders_replace_the_permutations(dtype):
     """With q_order / k_order the kernel takes q, k, v in the caller's (B, N, H, D) memory, unpermuted, and returns
     out and lse in that order and layout: the reference on the permuted tokens, put back in place."""
-    from vidaccel.kernels.cluster_permute import unpermute_tokens_reference
+    from vidaccel.kernels.cluster_permute import permute_tokens_reference, unpermute_tokens_reference
 
     gen = torch.Generator().manual_seed(17)
     B, H, Nq, Nk, D = 2, 3, 53, 61, 32
@@ -178,10 +178,9 @@ def test_token_orders_replace_the_permutations(dtype):
     out, lse = varblock_sparse_attention(qt, kt, vt, q_off, k_off, selected, return_lse=True, block_m=16,
                                          q_order=q_order, k_order=k_order)
     assert out.transpose(1, 2).is_contiguous()  # the caller's (B, N, H, D) layout, no copy needed
-    gather = lambda t, order: torch.gather(t, 2, order.long().unsqueeze(-1).expand_as(t))  # noqa: E731
-    ref_p, ref_lse_p = varblock_sparse_attention_reference(gather(qt, q_order), gather(kt, k_order),
-                                                           gather(vt, k_order), q_off, k_off, selected,
-                                                           return_lse=True)
+    ref_p, ref_lse_p = varblock_sparse_attention_reference(
+        permute_tokens_reference(q, q_order), permute_tokens_reference(k, k_order),
+        permute_tokens_reference(v, k_order), q_off, k_off, selected, return_lse=True)
     ref = unpermute_tokens_reference(ref_p, q_order).transpose(1, 2)
     ref_lse = torch.empty_like(ref_lse_p).scatter_(2, q_order, ref_lse_p)
     _check(out, ref, lse, ref_lse, dtype)
